@@ -1,0 +1,33 @@
+"""Celery settings of cl_tasks: edit here, or set the environment variables (README).
+
+Every environment variable is read once, through :func:`cl_tasks.settings.load`.
+"""
+
+from cl_tasks.settings import load
+
+_settings = load()
+
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
+# One file, many processes: SQLAlchemy must wait for the broker's writers, not fail.
+database_engine_options = {"connect_args": {"timeout": 60}}
+result_extended = True
+
+# Only JSON crosses the broker: pickle is refused by worker and client alike.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+# Tasks are acknowledged after they ran, so a killed worker's tasks run again.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_track_started = True
+worker_send_task_events = True
+task_send_sent_event = True
+
+broker_connection_retry_on_startup = True
+broker_transport_options = {"visibility_timeout": 60.0, "polling_interval": 1.0}
+worker_hijack_root_logger = True
+worker_log_level = _settings.log_level

@@ -1,0 +1,229 @@
+"""The broker contract, run unchanged on the SQLite transport and on RabbitMQ.
+
+Every test takes ``connect`` (a connection factory for the parametrised
+``broker_url``) and ``unique`` (entity names), so the same assertions hold on
+both: the contract is AMQP's as kombu exposes it, not ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kombu import Connection, Exchange, Producer, Queue
+from kombu.message import Message
+
+Names = Callable[[str], str]
+Connect = Callable[[], Connection]
+
+
+def get_one(queue: Queue, *, no_ack: bool = False, timeout: float = 3.0) -> Message | None:
+    """basic_get until a message comes or ``timeout`` passes (RabbitMQ routes asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = queue.get(no_ack=no_ack)
+        if message is not None or time.monotonic() > deadline:
+            return message
+        time.sleep(0.02)
+
+
+def drain(queue: Queue, *, expect: int, timeout: float = 3.0) -> list[Any]:
+    """Get and ack ``expect`` messages; returns their payloads."""
+    bodies = []
+    for _ in range(expect):
+        message = get_one(queue, timeout=timeout)
+        assert message is not None, f"only {len(bodies)} of {expect} messages arrived"
+        bodies.append(message.payload)
+        message.ack()
+    return bodies
+
+
+def declared(conn: Connection, queue: Queue) -> Queue:
+    bound = queue(conn.channel())
+    bound.declare()
+    return bound
+
+
+def publish(conn: Connection, body: Any, exchange: Exchange | str, routing_key: str, **kw: Any) -> None:
+    Producer(conn.channel()).publish(body, exchange=exchange, routing_key=routing_key, **kw)
+
+
+def test_publish_consume_ack(connect: Connect, unique: Names) -> None:
+    # Given a durable direct queue with three messages
+    exchange = Exchange(unique("ex"), "direct")
+    queue = Queue(unique("q"), exchange, "k")
+    conn = connect()
+    bound = declared(conn, queue)
+    for n in range(3):
+        publish(conn, {"n": n}, exchange, "k")
+    # When a consumer drains them through drain_events and acks
+    received: list[Any] = []
+    with conn.Consumer([queue], callbacks=[lambda body, msg: (received.append(body), msg.ack())]):
+        deadline = time.monotonic() + 5
+        while len(received) < 3 and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)
+    # Then they arrive in order and, acked, are gone for everyone
+    assert received == [{"n": 0}, {"n": 1}, {"n": 2}]
+    time.sleep(0.2)
+    assert get_one(declared(connect(), queue), timeout=0.3) is None
+    bound.delete()
+
+
+def test_unacked_message_returns_when_the_connection_closes(connect: Connect, unique: Names) -> None:
+    queue = Queue(unique("q"), Exchange(unique("ex"), "direct"), "k")
+    first = connect()
+    declared(first, queue)
+    publish(first, "keep me", queue.exchange, "k")
+    message = get_one(declared(first, queue))
+    assert message is not None and message.payload == "keep me"
+    # When the consumer goes away without acking
+    first.release()
+    # Then the message is delivered again, marked redelivered
+    again = get_one(declared(connect(), queue))
+    assert again is not None and again.payload == "keep me"
+    assert again.delivery_info["redelivered"] is True
+    again.ack()
+
+
+def test_reject_with_requeue_redelivers(connect: Connect, unique: Names) -> None:
+    queue = Queue(unique("q"), Exchange(unique("ex"), "direct"), "k")
+    conn = connect()
+    bound = declared(conn, queue)
+    publish(conn, "again", queue.exchange, "k")
+    message = get_one(bound)
+    assert message is not None
+    message.reject(requeue=True)
+    again = get_one(bound)
+    assert again is not None and again.payload == "again"
+    assert again.delivery_info["redelivered"] is True
+    again.ack()
+
+
+def test_reject_without_requeue_removes(connect: Connect, unique: Names) -> None:
+    queue = Queue(unique("q"), Exchange(unique("ex"), "direct"), "k")
+    conn = connect()
+    bound = declared(conn, queue)
+    publish(conn, "drop", queue.exchange, "k")
+    publish(conn, "next", queue.exchange, "k")
+    message = get_one(bound)
+    assert message is not None and message.payload == "drop"
+    message.reject(requeue=False)
+    assert drain(bound, expect=1) == ["next"]
+    assert get_one(bound, timeout=0.3) is None
+
+
+def test_purge_and_size(connect: Connect, unique: Names) -> None:
+    queue = Queue(unique("q"), Exchange(unique("ex"), "direct"), "k")
+    conn = connect()
+    bound = declared(conn, queue)
+    for n in range(5):
+        publish(conn, n, queue.exchange, "k")
+    deadline = time.monotonic() + 3
+    while bound.queue_declare(passive=True).message_count < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert bound.queue_declare(passive=True).message_count == 5
+    assert bound.purge() == 5
+    assert bound.queue_declare(passive=True).message_count == 0
+    assert get_one(bound, timeout=0.3) is None
+
+
+def test_passive_declare_of_missing_queue_fails(connect: Connect, unique: Names) -> None:
+    conn = connect()
+    with pytest.raises(conn.channel_errors):
+        Queue(unique("missing"))(conn.channel()).queue_declare(passive=True)
+
+
+def test_direct_routing(connect: Connect, unique: Names) -> None:
+    exchange = Exchange(unique("direct"), "direct")
+    q_a = Queue(unique("a"), exchange, "a")
+    q_b = Queue(unique("b"), exchange, "b")
+    conn = connect()
+    bound_a, bound_b = declared(conn, q_a), declared(conn, q_b)
+    publish(connect(), "to a", exchange, "a")
+    publish(connect(), "to nobody", exchange, "c")
+    assert drain(bound_a, expect=1) == ["to a"]
+    assert get_one(bound_b, timeout=0.3) is None
+    assert get_one(bound_a, timeout=0.3) is None
+
+
+def test_topic_routing(connect: Connect, unique: Names) -> None:
+    exchange = Exchange(unique("topic"), "topic")
+    all_stock = Queue(unique("all"), exchange, "stock.#")
+    nyse = Queue(unique("nyse"), exchange, "*.nyse")
+    conn = connect()
+    bound_all, bound_nyse = declared(conn, all_stock), declared(conn, nyse)
+    publisher = connect()
+    for key in ("stock.us.nyse", "stock.nyse", "bond.nyse", "stock", "weather.today"):
+        publish(publisher, key, exchange, key)
+    assert sorted(drain(bound_all, expect=3)) == ["stock", "stock.nyse", "stock.us.nyse"]
+    assert sorted(drain(bound_nyse, expect=2)) == ["bond.nyse", "stock.nyse"]
+    assert get_one(bound_all, timeout=0.3) is None
+    assert get_one(bound_nyse, timeout=0.3) is None
+
+
+def test_fanout_reaches_every_bound_queue(connect: Connect, unique: Names) -> None:
+    exchange = Exchange(unique("fanout"), "fanout")
+    queues = [Queue(unique(f"f{n}"), exchange) for n in range(3)]
+    bound = [declared(connect(), queue) for queue in queues]
+    publish(connect(), "hello all", exchange, "ignored")
+    for each in bound:
+        assert drain(each, expect=1) == ["hello all"]
+
+
+def test_priorities_high_first_fifo_within(connect: Connect, unique: Names) -> None:
+    exchange = Exchange(unique("prio"), "direct")
+    queue = Queue(unique("q"), exchange, "k", queue_arguments={"x-max-priority": 9})
+    conn = connect()
+    bound = declared(conn, queue)
+    for body, priority in [("low-1", 1), ("high-1", 9), ("mid", 5), ("low-2", 1), ("high-2", 9), ("zero", 0)]:
+        publish(conn, body, exchange, "k", priority=priority)
+    time.sleep(0.3)
+    assert drain(bound, expect=6) == ["high-1", "high-2", "mid", "low-1", "low-2", "zero"]
+
+
+def test_queue_message_ttl(connect: Connect, unique: Names) -> None:
+    exchange = Exchange(unique("ttl"), "direct")
+    queue = Queue(unique("q"), exchange, "k", queue_arguments={"x-message-ttl": 300})
+    conn = connect()
+    bound = declared(conn, queue)
+    publish(conn, "short-lived", exchange, "k")
+    time.sleep(0.8)
+    assert get_one(bound, timeout=0.3) is None
+
+
+def test_per_message_expiration(connect: Connect, unique: Names) -> None:
+    exchange = Exchange(unique("exp"), "direct")
+    queue = Queue(unique("q"), exchange, "k")
+    conn = connect()
+    bound = declared(conn, queue)
+    publish(conn, "expires", exchange, "k", expiration=0.3)
+    publish(conn, "stays", exchange, "k")
+    time.sleep(0.8)
+    assert drain(bound, expect=1) == ["stays"]
+
+
+def test_queue_expiry_removes_unused_queue(connect: Connect, unique: Names) -> None:
+    queue = Queue(
+        unique("expiring"), Exchange(unique("ex"), "direct"), "k", queue_arguments={"x-expires": 1000}
+    )
+    conn = connect()
+    declared(conn, queue)
+    publish(conn, "lost with the queue", queue.exchange, "k")
+    time.sleep(2.5)
+    with pytest.raises(conn.channel_errors):
+        queue(connect().channel()).queue_declare(passive=True)
+
+
+def test_bindings_are_shared_between_connections(connect: Connect, unique: Names) -> None:
+    # Given a queue bound on one connection
+    exchange = Exchange(unique("shared"), "direct")
+    queue = Queue(unique("q"), exchange, "k")
+    bound = declared(connect(), queue)
+    # When another connection publishes to the exchange without declaring anything
+    publish(connect(), "routed", exchange.name, "k")
+    # Then the first connection receives it
+    assert drain(bound, expect=1) == ["routed"]

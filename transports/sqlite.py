@@ -1,0 +1,586 @@
+"""SQLite WAL transport: ``media_store.db`` as a Celery/kombu broker.
+
+Features
+========
+* Type: Virtual
+* Supports Direct: Yes (bindings are rows, shared by every process on the file)
+* Supports Topic: Yes
+* Supports Fanout: Yes (so ``celery inspect``/``control``, events and Flower work)
+* Supports Priority: 0-9, higher first, FIFO within a priority
+* Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
+  ``expiration``
+* Delivery: at least once. A claim is one ``BEGIN IMMEDIATE`` transaction that
+  leases rows to the consumer; ack deletes the row; reject with requeue puts it
+  back at its place; reject without requeue and undecodable messages move to the
+  ``{prefix}dead_letter`` table with the reason. A consumer killed with SIGKILL
+  loses nothing: its leases run out after ``visibility_timeout`` and another
+  consumer takes the messages. Live consumers extend their leases from a
+  background thread, so long tasks and ETA tasks are never redelivered while
+  their worker lives.
+* Wake-up: an inotify watch on the ``-wal`` file plus ``PRAGMA data_version``
+  notice other processes' commits within milliseconds; an idle consumer sleeps
+  in ``select`` and costs nothing. ``polling_interval`` is only the fallback.
+
+Connection string
+=================
+.. code-block::
+
+    sqlite:////absolute/path/media_store.db
+    sqlite:///relative/path.db
+    sqlite:////absolute/path.db?visibility_timeout=30&polling_interval=0.5
+
+The alias ``sqlite`` is registered when the ``transports`` package is imported;
+``broker_transport = "transports.sqlite:Transport"`` works without the import.
+The folder must exist; the file is created (mode 0600) if missing. Every
+process must be on the same host: SQLite WAL does not work over NFS/SMB.
+
+Transport options
+=================
+Given in ``broker_transport_options`` or the URL query string (the query
+string wins, being the more specific place):
+
+* ``visibility_timeout`` (60.0): seconds a claimed, unacked message stays
+  invisible before another consumer may take it; live consumers extend it
+  every quarter of it.
+* ``polling_interval`` (1.0): seconds between fallback polls when no commit
+  is seen (also how soon an expired lease of a dead consumer is noticed).
+* ``claim_batch`` (10): most messages claimed in one transaction (bounded by
+  the consumer's prefetch).
+* ``table_prefix`` (``kombu_``): prefix of the broker tables.
+* ``busy_timeout`` (60.0): seconds to wait for another writer's lock.
+* ``synchronous`` (``NORMAL``): ``NORMAL`` never corrupts the database but may
+  lose the last commits on power loss; ``FULL`` keeps them at some speed cost.
+* ``wal_size_limit`` (8 MiB): bytes the ``-wal`` file is cut back to after a
+  checkpoint; with auto-checkpoints every 1000 pages this bounds it.
+* ``sweep_interval`` (30.0): seconds between sweeps of expired messages and
+  queues and old dead letters.
+* ``dead_letter_retention`` (604800.0, a week): seconds dead letters are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from base64 import b64encode
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from itertools import islice
+from pathlib import Path
+from queue import Empty
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from amqp.protocol import queue_declare_ok_t
+from kombu.exceptions import ChannelError
+from kombu.transport import virtual
+from kombu.transport.virtual.base import NotEquivalentError
+
+from transports.store import Claimed, DatabaseUnavailable, Store
+from transports.wakeup import CommitWatch
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between runs of the lease keeper at most (it runs more often for short leases).
+KEEPER_MAX_TICK = 1.0
+
+
+@dataclass(frozen=True)
+class Options:
+    """The transport options, validated once per connection (see the module docstring)."""
+
+    visibility_timeout: float = 60.0
+    polling_interval: float = 1.0
+    claim_batch: int = 10
+    table_prefix: str = "kombu_"
+    busy_timeout: float = 60.0
+    synchronous: str = "NORMAL"
+    wal_size_limit: int = 8 * 1024 * 1024
+    sweep_interval: float = 30.0
+    dead_letter_retention: float = 7 * 24 * 3600.0
+
+    @classmethod
+    def parse(cls, given: dict[str, Any]) -> Options:
+        """Options from a mapping of strings or numbers; unknown keys are ignored."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            if field.name not in given:
+                continue
+            raw = given[field.name]
+            kind = type(getattr(cls, field.name))
+            try:
+                value = kind(raw)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"SQLite broker option {field.name}={raw!r} must be a {kind.__name__}"
+                ) from None
+            if kind is not str and value <= 0:
+                raise ValueError(f"SQLite broker option {field.name}={raw!r} must be above 0")
+            values[field.name] = value
+        return cls(**values)
+
+
+def parse_url(url: str) -> tuple[Path, dict[str, str]]:
+    """Database path and query options of ``sqlite:///path`` / ``sqlite:////abs/path``."""
+    parts = urlsplit(url)
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if parts.netloc or not path:
+        raise DatabaseUnavailable(
+            f"SQLite broker URL {url!r} has no database path;"
+            " write sqlite:////absolute/path/media_store.db (four slashes) or sqlite:///relative.db"
+        )
+    return Path(path).absolute(), dict(parse_qsl(parts.query))
+
+
+class SQLiteMessage(virtual.Message):
+    """A delivered message; its delivery tag is ``<row id>.<delivery count>``."""
+
+    def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
+        super().__init__(payload, channel=channel, **kwargs)
+        self.row_id = int(str(self.delivery_tag).split(".", 1)[0])
+        #: The queue this message was claimed from (for dead-lettering).
+        self.consumed_from = ""
+
+    def decode(self) -> Any:
+        """Decode the body; a body that cannot be decoded is dead-lettered, then re-raised."""
+        try:
+            return super().decode()
+        except Exception as exc:
+            self.channel.dead_letter(self, f"cannot decode body: {exc!r}")
+            raise
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting plus the database side of ack, reject and restore."""
+
+    channel: Channel
+
+    def ack(self, delivery_tag: str) -> None:
+        message = self._delivered.get(delivery_tag)
+        if message is not None and not self.channel.store.ack(message.row_id, self.channel.owner):
+            logger.warning("ack of message %s came after its lease ran out", message.row_id)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        message = self._delivered.get(delivery_tag)
+        if message is not None:
+            if requeue:
+                self.channel.store.release([message.row_id], self.channel.owner)
+            else:
+                self.channel.dead_letter(message, "rejected without requeue")
+        self._quick_ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        self._flush()
+        held = [message.row_id for message in self._delivered.values()]
+        self._delivered.clear()
+        if not held:
+            return []
+        try:
+            self.channel.store.release(held, self.channel.owner)
+        except sqlite3.Error as exc:
+            # Their leases run out on their own: nothing is lost, only delayed.
+            logger.warning(
+                "could not release %d messages now (%s); they return after their lease", len(held), exc
+            )
+        return []
+
+    def holds_messages(self) -> bool:
+        """True while some delivered message awaits its ack (read from the keeper thread)."""
+        return len(self._delivered) > len(self._dirty)
+
+
+class Channel(virtual.Channel):
+    """A kombu channel whose queues, bindings and messages live in the database."""
+
+    Message = SQLiteMessage
+    QoS = QoS
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self.store: Store = connection.store
+        self.options: Options = connection.options
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._queue_callbacks: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        self._no_ack_queues: set[str] = set()
+        self._next_extend = 0.0
+        self._next_touch = 0.0
+        self._rotation = 0
+
+    # -- entities -------------------------------------------------------------
+
+    def exchange_declare(
+        self,
+        exchange: str | None = None,
+        type: str = "direct",  # noqa: A002 - kombu's signature
+        durable: bool = False,
+        auto_delete: bool = False,
+        arguments: Any = None,
+        nowait: bool = False,
+        passive: bool = False,
+    ) -> None:
+        type_ = type or "direct"
+        name = exchange or f"amq.{type_}"
+        if passive:
+            if not self.store.has_exchange(name):
+                raise ChannelError(
+                    f"NOT_FOUND - no exchange {name!r} in {self.store.path}",
+                    (50, 10),
+                    "Channel.exchange_declare",
+                    "404",
+                )
+            return
+        if type_ not in self.exchange_types:
+            raise ChannelError(f"exchange type {type_!r} is not supported (direct, topic, fanout)")
+        existing = self.store.declare_exchange(name, type_, durable=durable, auto_delete=auto_delete)
+        if existing != type_:
+            raise NotEquivalentError(
+                f"exchange {name!r} exists with type {existing!r}, not {type_!r}; delete it first"
+            )
+
+    def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
+        self.store.delete_exchange(exchange)
+
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        name = queue or f"amq.gen-{uuid.uuid4()}"
+        if passive:
+            if not self.store.has_queue(name):
+                raise ChannelError(
+                    f"NOT_FOUND - no queue {name!r} in {self.store.path}",
+                    (50, 10),
+                    "Channel.queue_declare",
+                    "404",
+                )
+        else:
+            arguments = kwargs.get("arguments") or {}
+            self.store.declare_queue(
+                name,
+                message_ttl=_milliseconds(arguments, "x-message-ttl"),
+                expires=_milliseconds(arguments, "x-expires"),
+                auto_delete=bool(kwargs.get("auto_delete")),
+            )
+        return queue_declare_ok_t(name, self.store.size(name), 0)
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        if if_empty and self.store.size(queue):
+            return
+        self.store.delete_queue(queue)
+
+    def queue_bind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.store.bind(queue, exchange or "amq.direct", routing_key or "")
+
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.store.unbind(queue, exchange or "amq.direct", routing_key or "")
+
+    def list_bindings(self) -> list[tuple[str, str, str]]:
+        return self.store.bindings()
+
+    def get_exchanges(self) -> list[str]:
+        return sorted({exchange for _, exchange, _ in self.store.bindings()})
+
+    def _size(self, queue: str) -> int:
+        return self.store.size(queue)
+
+    def _purge(self, queue: str) -> int:
+        return self.store.purge(queue)
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return self.store.has_queue(queue)
+
+    # -- publishing -------------------------------------------------------------
+
+    def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> int:
+        """Route and store ``message`` in one transaction; returns the number of queues."""
+        self._inplace_augment_message(message, exchange, routing_key)
+        expiration = message["properties"].get("expiration")
+        expires_at = time.time() + float(expiration) / 1000.0 if expiration is not None else None
+        return self.store.put(
+            exchange or "",
+            routing_key or "",
+            message,
+            priority=self._get_message_priority(message),
+            expires_at=expires_at,
+        )
+
+    def encode_body(self, body: Any, encoding: str | None = None) -> tuple[Any, str | None]:
+        """Keep text bodies as text (no base64 cost); only binary bodies are base64-encoded."""
+        if isinstance(body, bytes):
+            try:
+                return body.decode("utf-8"), None
+            except UnicodeDecodeError:
+                return b64encode(body).decode("ascii"), "base64"
+        return body, None
+
+    # -- consuming --------------------------------------------------------------
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Callable[[Any], Any], consumer_tag: str, **kwargs: Any
+    ) -> None:
+        self._tag_to_queue[consumer_tag] = queue
+        self._active_queues.append(queue)
+        if no_ack:
+            self._no_ack_queues.add(queue)
+
+        def on_claimed(raw_message: dict[str, Any]) -> Any:
+            message = self._to_message(queue, raw_message, no_ack)
+            if message is not None:
+                return callback(message)
+            return None
+
+        self._queue_callbacks[queue] = on_claimed
+        self._consumers.add(consumer_tag)
+        self._reset_cycle()
+        self.connection.keeper.register(self)
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is None or queue in self._active_queues:
+            return
+        self._queue_callbacks.pop(queue, None)
+        self._no_ack_queues.discard(queue)
+        if self.store.is_auto_delete(queue):
+            self.store.delete_queue(queue)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> SQLiteMessage | None:
+        self.connection.keeper.register(self)
+        for claimed in self._claim(queue, 1, no_ack):
+            return self._to_message(queue, self._envelope(claimed, queue), no_ack)
+        return None
+
+    def drain_events(self, timeout: float | None = None, callback: Any = None) -> None:
+        """Claim a batch from the consumed queues (rotating) and deliver it; Empty if none."""
+        if not (self._consumers and self.qos.can_consume()):
+            raise Empty()
+        queues = list(self._queue_callbacks)
+        self._rotation = (self._rotation + 1) % max(len(queues), 1)
+        delivered = 0
+        for queue in islice(queues[self._rotation :] + queues[: self._rotation], len(queues)):
+            room = self.qos.can_consume_max_estimate()
+            limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
+            if limit <= 0:
+                break
+            if not self.store.has_ready(queue):
+                continue
+            deliver = self._queue_callbacks[queue]
+            for claimed in self._claim(queue, limit, queue in self._no_ack_queues):
+                envelope = self._envelope(claimed, queue)
+                if envelope is not None:
+                    deliver(envelope)
+                    delivered += 1
+        if not delivered:
+            raise Empty()
+
+    def _claim(self, queue: str, limit: int, no_ack: bool) -> list[Claimed]:
+        owner = None if no_ack else self.owner
+        return self.store.claim(queue, owner=owner, limit=limit, lease=self.options.visibility_timeout)
+
+    def _envelope(self, claimed: Claimed, queue: str) -> dict[str, Any] | None:
+        if claimed.payload is None:
+            self._dead_letter_row(claimed.row_id, queue, claimed.error or "unreadable")
+            return None
+        payload = claimed.payload
+        properties = payload["properties"]
+        properties["delivery_tag"] = f"{claimed.row_id}.{uuid.uuid4().hex[:8]}"
+        delivery_info = properties.setdefault("delivery_info", {})
+        delivery_info["redelivered"] = claimed.redelivered
+        payload["redelivered"] = claimed.redelivered
+        return payload
+
+    def _to_message(self, queue: str, raw: dict[str, Any] | None, no_ack: bool) -> SQLiteMessage | None:
+        if raw is None:
+            return None
+        try:
+            message = SQLiteMessage(raw, channel=self)
+        except Exception as exc:
+            row_id = int(str(raw["properties"]["delivery_tag"]).split(".", 1)[0])
+            self._dead_letter_row(row_id, queue, f"cannot read message: {exc!r}", raw=raw)
+            return None
+        message.consumed_from = queue
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def dead_letter(self, message: SQLiteMessage, reason: str) -> None:
+        """Move ``message`` (claimed by this channel) to the dead-letter table."""
+        queue = message.consumed_from or message.delivery_info.get("routing_key", "")
+        self._dead_letter_row(message.row_id, queue, reason, raw=message._raw)
+
+    def _dead_letter_row(
+        self, row_id: int, queue: str, reason: str, raw: dict[str, Any] | None = None
+    ) -> None:
+        no_ack = queue in self._no_ack_queues
+        if no_ack and raw is not None:
+            self.store.dead_letter_payload(queue, raw, reason)
+        else:
+            self.store.dead_letter(row_id, None if no_ack else self.owner, reason)
+        logger.error("SQLite broker: message %s of queue %r moved to dead letters: %s", row_id, queue, reason)
+
+    # -- upkeep (called from the keeper thread) -----------------------------------
+
+    def upkeep(self, now: float) -> None:
+        """Extend our leases, keep consumed queues from expiring, sweep when due."""
+        options = self.options
+        if now >= self._next_extend and self._qos is not None and self._qos.holds_messages():
+            self.store.extend(self.owner, options.visibility_timeout)
+            self._next_extend = now + options.visibility_timeout / 4
+        if now >= self._next_touch and self._active_queues:
+            touch_every = self.store.touch_queues(self._active_queues)
+            self._next_touch = now + touch_every
+        self.store.sweep_if_due(
+            interval=options.sweep_interval, dead_letter_retention=options.dead_letter_retention
+        )
+
+    def keeper_tick(self) -> float:
+        """Seconds between upkeep runs this channel needs."""
+        return min(self.options.visibility_timeout / 4, KEEPER_MAX_TICK)
+
+    def close(self) -> None:
+        if not self.closed and self.connection is not None:
+            self.connection.keeper.unregister(self)
+        super().close()
+
+
+def _milliseconds(arguments: dict[str, Any], name: str) -> float | None:
+    value = arguments.get(name)
+    return None if value is None else float(value) / 1000.0
+
+
+class LeaseKeeper:
+    """One daemon thread per process that runs :meth:`Channel.upkeep` of live consumers."""
+
+    def __init__(self) -> None:
+        self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def register(self, channel: Channel) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._channels = weakref.WeakSet()
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="sqlite-broker-leases", daemon=True).start()
+            self._channels.add(channel)
+
+    def unregister(self, channel: Channel) -> None:
+        with self._lock:
+            self._channels.discard(channel)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                channels = list(self._channels)
+            tick = min((channel.keeper_tick() for channel in channels), default=KEEPER_MAX_TICK)
+            for channel in channels:
+                try:
+                    if not channel.closed:
+                        channel.upkeep(time.time())
+                except Exception:
+                    logger.exception("SQLite broker: lease upkeep failed; retrying in %.2fs", tick)
+            time.sleep(tick)
+
+
+_KEEPER = LeaseKeeper()
+
+
+class Transport(virtual.Transport):
+    """kombu transport over one SQLite database file (see the module docstring)."""
+
+    Channel = Channel
+    can_parse_url = True
+    default_port = None
+    driver_type = "sqlite"
+    driver_name = "sqlite3"
+    # "database is locked" past busy_timeout, "disk is full", I/O errors: Celery
+    # reconnects and carries on once the database is usable again.
+    connection_errors = (  # type: ignore[assignment]
+        *virtual.Transport.connection_errors,
+        sqlite3.OperationalError,
+    )
+    channel_errors = (*virtual.Transport.channel_errors, sqlite3.IntegrityError)  # type: ignore[assignment]
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        url = client.hostname if client.hostname and "://" in client.hostname else ""
+        path, query = parse_url(url or f"sqlite:///{client.virtual_host or ''}")
+        self.options = Options.parse({**client.transport_options, **query})
+        self.polling_interval = self.options.polling_interval
+        self.store = Store(
+            path,
+            prefix=self.options.table_prefix,
+            busy_timeout=self.options.busy_timeout,
+            synchronous=self.options.synchronous,
+            wal_size_limit=self.options.wal_size_limit,
+        )
+        self.keeper = _KEEPER
+        self._watch = CommitWatch(path)
+        self._seen: tuple[int, int] | None = None
+        self._next_poll = 0.0
+
+    def establish_connection(self) -> Any:
+        self.store.conn  # noqa: B018 - connect now so a bad path fails here, clearly
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        super().close_connection(connection)
+        self._watch.close()
+        self.store.close()
+
+    def drain_events(  # type: ignore[override]
+        self, connection: Any, timeout: float | None = None, **kwargs: Any
+    ) -> None:
+        """Deliver ready messages, sleeping on commits (not polling) while there are none."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._watch.drain()
+            seen = self.store.change_token()
+            now = time.monotonic()
+            if seen != self._seen or now >= self._next_poll:
+                self._seen = seen
+                self._next_poll = now + self.polling_interval
+                try:
+                    assert self.cycle is not None
+                    self.cycle.get(self._deliver, timeout=timeout)
+                    return
+                except Empty:
+                    pass
+            wait = self._next_poll - time.monotonic()
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()
+                wait = min(wait, remaining)
+            self._watch.wait(max(wait, 0.0))
+
+    def driver_version(self) -> str:
+        return sqlite3.sqlite_version
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {"hostname": "", "port": None}

@@ -1,0 +1,547 @@
+"""The broker tables of the SQLite transport: the only SQL for them.
+
+A :class:`Store` owns one database file and hands each thread of each process
+its own ``sqlite3`` connection (SQLite connections must never cross a fork, and
+Celery acks from threads other than the consumer's). Every statement is a named
+constant below; ``{p}`` is the table prefix (``kombu_`` by default), so the
+broker tables sit beside the API service's tables without touching them.
+
+Tables:
+
+``{p}message``
+    One row per message in one queue. ``visible_at`` is the time (epoch
+    seconds) from which the row may be claimed: ``0`` when ready, the lease
+    expiry while a consumer holds it. ``lease_owner`` names that consumer.
+``{p}queue``, ``{p}exchange``, ``{p}binding``
+    Declared entities and routing, shared by every process on the file.
+``{p}dead_letter``
+    Messages that could not be decoded or were rejected without requeue, with
+    the reason, kept for ``dead_letter_retention`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS {p}message (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        payload TEXT NOT NULL,
+        visible_at REAL NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        expires_at REAL,
+        delivery_count INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL)""",
+    # Serves the claim: one seek per queue to the highest priority, oldest row.
+    "CREATE INDEX IF NOT EXISTS {p}message_claim ON {p}message (queue, priority DESC, id)",
+    "CREATE INDEX IF NOT EXISTS {p}message_lease ON {p}message (lease_owner) WHERE lease_owner IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS {p}message_expiry ON {p}message (expires_at) WHERE expires_at IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS {p}queue (
+        name TEXT PRIMARY KEY,
+        message_ttl REAL,
+        expires REAL,
+        auto_delete INTEGER NOT NULL DEFAULT 0,
+        last_used REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS {p}exchange (
+        name TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        durable INTEGER NOT NULL DEFAULT 1,
+        auto_delete INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS {p}binding (
+        exchange TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        PRIMARY KEY (exchange, routing_key, queue)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS {p}binding_queue ON {p}binding (queue)",
+    """CREATE TABLE IF NOT EXISTS {p}dead_letter (
+        id INTEGER PRIMARY KEY,
+        queue TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        dead_at REAL NOT NULL)""",
+)
+
+# A message's expiry: the earlier of its own (``:msg_expires``) and the
+# queue's x-message-ttl counted from now; NULL when neither is set.
+_EXPIRY = """CASE
+    WHEN q.message_ttl IS NULL THEN :msg_expires
+    WHEN :msg_expires IS NULL THEN :now + q.message_ttl
+    ELSE min(:msg_expires, :now + q.message_ttl) END"""
+
+PUT = (
+    "INSERT INTO {p}message (queue, priority, payload, expires_at, created_at)"
+    " SELECT t.name, :priority, :payload, " + _EXPIRY + ", :now"
+    " FROM (SELECT :queue AS name) AS t LEFT JOIN {p}queue AS q ON q.name = t.name"
+)
+_ROUTE = (
+    "INSERT INTO {p}message (queue, priority, payload, expires_at, created_at)"
+    " SELECT b.queue, :priority, :payload, " + _EXPIRY + ", :now"
+    " FROM {p}binding AS b LEFT JOIN {p}queue AS q ON q.name = b.queue"
+    " WHERE b.exchange = :exchange AND {match} GROUP BY b.queue"
+)
+ROUTE_BY_TYPE = {
+    "direct": _ROUTE.replace("{match}", "b.routing_key = :routing_key"),
+    "fanout": _ROUTE.replace("{match}", "1"),
+    "topic": _ROUTE.replace("{match}", "kombu_topic_match(b.routing_key, :routing_key)"),
+}
+READY = (
+    "SELECT 1 FROM {p}message WHERE queue = :queue AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now) LIMIT 1"
+)
+_CLAIMABLE = (
+    "SELECT id FROM {p}message WHERE queue = :queue AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now) ORDER BY priority DESC, id LIMIT :limit"
+)
+CLAIM = (
+    "UPDATE {p}message SET visible_at = :lease_until, lease_owner = :owner,"
+    " delivery_count = delivery_count + 1 WHERE id IN (" + _CLAIMABLE + ")"
+    " RETURNING id, priority, payload, delivery_count"
+)
+TAKE = "DELETE FROM {p}message WHERE id IN (" + _CLAIMABLE + ") RETURNING id, priority, payload, 1"
+ACK = "DELETE FROM {p}message WHERE id = ? AND lease_owner = ?"
+RELEASE = "UPDATE {p}message SET visible_at = 0, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
+EXTEND = "UPDATE {p}message SET visible_at = ? WHERE lease_owner = ?"
+DEAD_LETTER = (
+    "INSERT INTO {p}dead_letter (queue, payload, reason, dead_at)"
+    " SELECT queue, payload, ?, ? FROM {p}message WHERE id = ? AND lease_owner IS ?"
+)
+DELETE_MESSAGE = "DELETE FROM {p}message WHERE id = ? AND lease_owner IS ?"
+DEAD_LETTER_PAYLOAD = "INSERT INTO {p}dead_letter (queue, payload, reason, dead_at) VALUES (?, ?, ?, ?)"
+SIZE = (
+    "SELECT count(*) FROM {p}message WHERE queue = :queue AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now)"
+)
+PURGE = "DELETE FROM {p}message WHERE queue = ? AND visible_at <= ?"
+DECLARE_QUEUE = (
+    "INSERT INTO {p}queue (name, message_ttl, expires, auto_delete, last_used)"
+    " VALUES (:name, :message_ttl, :expires, :auto_delete, :now)"
+    " ON CONFLICT (name) DO UPDATE SET last_used = :now"
+)
+QUEUE_EXISTS = "SELECT 1 FROM {p}queue WHERE name = :name AND (expires IS NULL OR last_used + expires > :now)"
+QUEUE_AUTO_DELETE = "SELECT auto_delete FROM {p}queue WHERE name = ?"
+TOUCH_QUEUE = "UPDATE {p}queue SET last_used = ? WHERE name = ? AND expires IS NOT NULL"
+QUEUE_EXPIRES = "SELECT expires FROM {p}queue WHERE name = ?"
+EXPIRED_QUEUES = "SELECT name FROM {p}queue WHERE expires IS NOT NULL AND last_used + expires <= ?"
+DELETE_QUEUE_MESSAGES = "DELETE FROM {p}message WHERE queue = ?"
+DELETE_QUEUE_BINDINGS = "DELETE FROM {p}binding WHERE queue = ?"
+DELETE_QUEUE = "DELETE FROM {p}queue WHERE name = ?"
+DECLARE_EXCHANGE = (
+    "INSERT INTO {p}exchange (name, type, durable, auto_delete) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (name) DO NOTHING"
+)
+EXCHANGE_TYPE = "SELECT type FROM {p}exchange WHERE name = ?"
+DELETE_EXCHANGE = "DELETE FROM {p}exchange WHERE name = ?"
+DELETE_EXCHANGE_BINDINGS = "DELETE FROM {p}binding WHERE exchange = ?"
+BIND = "INSERT OR IGNORE INTO {p}binding (exchange, routing_key, queue) VALUES (?, ?, ?)"
+UNBIND = "DELETE FROM {p}binding WHERE exchange = ? AND routing_key = ? AND queue = ?"
+BINDINGS = "SELECT queue, exchange, routing_key FROM {p}binding"
+SWEEP_MESSAGES = "DELETE FROM {p}message WHERE expires_at <= ?"
+SWEEP_DEAD_LETTERS = "DELETE FROM {p}dead_letter WHERE dead_at <= ?"
+
+#: Seconds SQLite waits for another connection's write lock before failing.
+DEFAULT_BUSY_TIMEOUT = 60.0
+#: Bytes the ``-wal`` file is truncated back to after a checkpoint.
+DEFAULT_WAL_SIZE_LIMIT = 8 * 1024 * 1024
+#: Pages written to the WAL before SQLite checkpoints it automatically.
+WAL_AUTOCHECKPOINT_PAGES = 1000
+#: Seconds before consumed queues without ``x-expires`` are looked at again.
+QUEUE_EXPIRY_RECHECK = 60.0
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class DatabaseUnavailable(Exception):
+    """Raised at connect when the database file cannot be used (path, rights, format)."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One message taken from a queue: its row, priority and decoded payload (or the error)."""
+
+    row_id: int
+    priority: int
+    payload: dict[str, Any] | None
+    redelivered: bool
+    error: str | None = None
+
+
+@lru_cache(maxsize=4096)
+def topic_match(binding_key: str, routing_key: str) -> bool:
+    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words.
+
+    (kombu's in-memory topic exchange lets ``stock.#`` miss ``stock``; RabbitMQ
+    does not, and neither do we.)
+    """
+    pattern = binding_key.split(".")
+    words = routing_key.split(".")
+
+    @cache
+    def match(p: int, w: int) -> bool:
+        if p == len(pattern):
+            return w == len(words)
+        if pattern[p] == "#":
+            return any(match(p + 1, rest) for rest in range(w, len(words) + 1))
+        if w == len(words):
+            return False
+        return pattern[p] in ("*", words[w]) and match(p + 1, w + 1)
+
+    return match(0, 0)
+
+
+def check_path(path: Path) -> None:
+    """Raise :class:`DatabaseUnavailable` naming ``path`` and the fix if it cannot be used."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise DatabaseUnavailable(
+            f"SQLite broker: the folder {folder} of database {path} does not exist;"
+            " create it (mkdir -p) or point the broker URL / DATABASE_URL elsewhere"
+        )
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise DatabaseUnavailable(
+                f"SQLite broker: database {path} is not readable and writable by this user;"
+                " fix its owner or permissions"
+            )
+        with path.open("rb") as head:
+            magic = head.read(len(_SQLITE_MAGIC))
+        if magic and magic != _SQLITE_MAGIC:
+            raise DatabaseUnavailable(
+                f"SQLite broker: {path} is not an SQLite database;"
+                " point the broker URL / DATABASE_URL at a media_store.db file"
+            )
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise DatabaseUnavailable(
+            f"SQLite broker: cannot create database {path}: folder {folder} is not writable;"
+            " fix its permissions or point the broker URL / DATABASE_URL elsewhere"
+        )
+
+
+class Store:
+    """The broker tables in one SQLite file, with a connection per thread and process."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        prefix: str = "kombu_",
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        synchronous: str = "NORMAL",
+        wal_size_limit: int = DEFAULT_WAL_SIZE_LIMIT,
+    ) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+            raise ValueError(f"table_prefix {prefix!r} must be letters, digits and underscores")
+        if synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"synchronous {synchronous!r} must be NORMAL, FULL or EXTRA")
+        self.path = path
+        self.prefix = prefix
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous.upper()
+        self._wal_size_limit = wal_size_limit
+        self._local = threading.local()
+        self._schema_pid = 0
+        self._schema_lock = threading.Lock()
+        self._sql: dict[str, str] = {}
+        self._exchange_types: dict[str, str] = {}
+        self._next_sweep = 0.0
+        #: Commits made through this Store in this process; with ``data_version``
+        #: (which counts other connections' commits) it tells whether anything changed.
+        self.local_writes = 0
+
+    # -- connections ------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection, made on first use and again after a fork."""
+        local = self._local
+        pid = os.getpid()
+        if getattr(local, "pid", None) != pid:
+            local.conn = self._connect()
+            local.pid = pid
+        conn: sqlite3.Connection = local.conn
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        check_path(self.path)
+        if not self.path.exists():
+            # Owner-only from the start: the file will hold every message.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit={int(self._wal_size_limit)}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseUnavailable(
+                f"SQLite broker: cannot open {self.path}: {exc};"
+                " check that it is an SQLite database on a local disk"
+            ) from exc
+        conn.create_function("kombu_topic_match", 2, topic_match, deterministic=True)
+        self._ensure_schema(conn)
+        return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        with self._schema_lock:
+            if self._schema_pid == os.getpid():
+                return
+            with self.transaction(conn):
+                for statement in SCHEMA:
+                    conn.execute(statement.format(p=self.prefix))
+            self._schema_pid = os.getpid()
+
+    def close(self) -> None:
+        """Close this thread's connection (others close with their threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+    def sql(self, statement: str) -> str:
+        """``statement`` with this store's table prefix filled in."""
+        text = self._sql.get(statement)
+        if text is None:
+            text = self._sql[statement] = statement.replace("{p}", self.prefix)
+        return text
+
+    def transaction(self, conn: sqlite3.Connection | None = None) -> _Transaction:
+        """A ``BEGIN IMMEDIATE`` write transaction (never a deferred one, see DESIGN.md)."""
+        return _Transaction(self, conn or self.conn)
+
+    def change_token(self) -> tuple[int, int]:
+        """A value that differs whenever any connection committed to the file."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return version, self.local_writes
+
+    # -- messages -----------------------------------------------------------
+
+    def put(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: dict[str, Any],
+        *,
+        priority: int,
+        expires_at: float | None,
+    ) -> int:
+        """Route ``payload`` to queues and store it once per queue; returns how many."""
+        params = {
+            "payload": json.dumps(payload),
+            "priority": priority,
+            "msg_expires": expires_at,
+            "now": time.time(),
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "queue": routing_key,
+        }
+        statement = PUT if not exchange else ROUTE_BY_TYPE[self.exchange_type(exchange)]
+        with self.transaction() as conn:
+            return conn.execute(self.sql(statement), params).rowcount
+
+    def has_ready(self, queue: str) -> bool:
+        """Cheap read-only check before taking the write lock to claim."""
+        row = self.conn.execute(self.sql(READY), {"queue": queue, "now": time.time()}).fetchone()
+        return row is not None
+
+    def claim(self, queue: str, *, owner: str | None, limit: int, lease: float) -> list[Claimed]:
+        """Claim up to ``limit`` messages of ``queue`` for ``owner`` in one transaction.
+
+        With ``owner=None`` (no-ack consumers) the messages are deleted as they
+        are taken. Rows whose payload is not JSON come back with ``error`` set.
+        """
+        now = time.time()
+        params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
+        with self.transaction() as conn:
+            rows = conn.execute(self.sql(CLAIM if owner else TAKE), params).fetchall()
+        rows.sort(key=lambda row: (-row[1], row[0]))
+        return [self._decode(row) for row in rows]
+
+    @staticmethod
+    def _decode(row: Sequence[Any]) -> Claimed:
+        row_id, priority, text, delivery_count = row
+        try:
+            payload = json.loads(text)
+            if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+                raise ValueError("not a kombu message envelope")
+        except ValueError as exc:
+            return Claimed(row_id, priority, None, False, f"stored payload is not a message: {exc}")
+        return Claimed(row_id, priority, payload, delivery_count > 1)
+
+    def ack(self, row_id: int, owner: str) -> bool:
+        """Delete a claimed message; False if the lease was lost to another consumer."""
+        with self.transaction() as conn:
+            return conn.execute(self.sql(ACK), (row_id, owner)).rowcount == 1
+
+    def release(self, row_ids: Iterable[int], owner: str) -> None:
+        """Make claimed messages visible again at their original place."""
+        with self.transaction() as conn:
+            conn.executemany(self.sql(RELEASE), [(row_id, owner) for row_id in row_ids])
+
+    def extend(self, owner: str, lease: float) -> int:
+        """Push back the lease expiry of every message ``owner`` holds."""
+        with self.transaction() as conn:
+            return conn.execute(self.sql(EXTEND), (time.time() + lease, owner)).rowcount
+
+    def dead_letter(self, row_id: int, owner: str | None, reason: str) -> None:
+        """Move one message to the dead-letter table with ``reason``."""
+        with self.transaction() as conn:
+            conn.execute(self.sql(DEAD_LETTER), (reason, time.time(), row_id, owner))
+            conn.execute(self.sql(DELETE_MESSAGE), (row_id, owner))
+
+    def dead_letter_payload(self, queue: str, payload: dict[str, Any], reason: str) -> None:
+        """Record a message already taken off its queue (no-ack) as a dead letter."""
+        with self.transaction() as conn:
+            conn.execute(self.sql(DEAD_LETTER_PAYLOAD), (queue, json.dumps(payload), reason, time.time()))
+
+    def size(self, queue: str) -> int:
+        row = self.conn.execute(self.sql(SIZE), {"queue": queue, "now": time.time()}).fetchone()
+        return int(row[0])
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready messages of ``queue`` (claimed ones stay, as in AMQP)."""
+        with self.transaction() as conn:
+            return conn.execute(self.sql(PURGE), (queue, time.time())).rowcount
+
+    # -- entities -------------------------------------------------------------
+
+    def declare_queue(
+        self, name: str, *, message_ttl: float | None, expires: float | None, auto_delete: bool
+    ) -> None:
+        now = time.time()
+        with self.transaction() as conn:
+            self._drop_if_expired(conn, name, now)
+            conn.execute(
+                self.sql(DECLARE_QUEUE),
+                {
+                    "name": name,
+                    "message_ttl": message_ttl,
+                    "expires": expires,
+                    "auto_delete": int(auto_delete),
+                    "now": now,
+                },
+            )
+
+    def _drop_if_expired(self, conn: sqlite3.Connection, name: str, now: float) -> None:
+        if conn.execute(self.sql(QUEUE_EXISTS), {"name": name, "now": now}).fetchone() is None:
+            self._drop_queue(conn, name)
+
+    def _drop_queue(self, conn: sqlite3.Connection, name: str) -> None:
+        for statement in (DELETE_QUEUE_MESSAGES, DELETE_QUEUE_BINDINGS, DELETE_QUEUE):
+            conn.execute(self.sql(statement), (name,))
+
+    def has_queue(self, name: str) -> bool:
+        query = self.sql(QUEUE_EXISTS)
+        return self.conn.execute(query, {"name": name, "now": time.time()}).fetchone() is not None
+
+    def is_auto_delete(self, name: str) -> bool:
+        row = self.conn.execute(self.sql(QUEUE_AUTO_DELETE), (name,)).fetchone()
+        return bool(row and row[0])
+
+    def delete_queue(self, name: str) -> None:
+        with self.transaction() as conn:
+            self._drop_queue(conn, name)
+
+    def touch_queues(self, names: Iterable[str]) -> float:
+        """Mark consumed queues as in use so their ``x-expires`` does not run out.
+
+        Returns the seconds until they need it again (a quarter of the shortest
+        expiry; a minute when none of them expires).
+        """
+        names = list(names)
+        query = self.sql(QUEUE_EXPIRES)
+        expiries = [row[0] for name in names for row in self.conn.execute(query, (name,)) if row[0]]
+        if not expiries:
+            return QUEUE_EXPIRY_RECHECK
+        now = time.time()
+        with self.transaction() as conn:
+            conn.executemany(self.sql(TOUCH_QUEUE), [(now, name) for name in names])
+        return max(float(min(expiries)) / 4, 0.05)
+
+    def declare_exchange(self, name: str, type_: str, *, durable: bool, auto_delete: bool) -> str:
+        """Create the exchange if missing; returns its type (the existing one if it was there)."""
+        with self.transaction() as conn:
+            conn.execute(self.sql(DECLARE_EXCHANGE), (name, type_, int(durable), int(auto_delete)))
+        self._exchange_types.pop(name, None)
+        return self.exchange_type(name, default=type_)
+
+    def exchange_type(self, name: str, default: str = "direct") -> str:
+        """The type of exchange ``name`` (cached: an exchange's type never changes)."""
+        cached = self._exchange_types.get(name)
+        if cached is None:
+            row = self.conn.execute(self.sql(EXCHANGE_TYPE), (name,)).fetchone()
+            if row is None:
+                return default
+            cached = self._exchange_types[name] = row[0]
+        return cached
+
+    def has_exchange(self, name: str) -> bool:
+        return self.conn.execute(self.sql(EXCHANGE_TYPE), (name,)).fetchone() is not None
+
+    def delete_exchange(self, name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(self.sql(DELETE_EXCHANGE_BINDINGS), (name,))
+            conn.execute(self.sql(DELETE_EXCHANGE), (name,))
+        self._exchange_types.pop(name, None)
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(self.sql(BIND), (exchange, routing_key, queue))
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(self.sql(UNBIND), (exchange, routing_key, queue))
+
+    def bindings(self) -> list[tuple[str, str, str]]:
+        return [tuple(row) for row in self.conn.execute(self.sql(BINDINGS))]
+
+    # -- upkeep -------------------------------------------------------------
+
+    def sweep_if_due(self, *, interval: float, dead_letter_retention: float) -> None:
+        """Run :meth:`sweep` if ``interval`` seconds passed since this process last did."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + interval
+            self.sweep(dead_letter_retention=dead_letter_retention)
+
+    def sweep(self, *, dead_letter_retention: float) -> int:
+        """Delete expired messages, expired queues and old dead letters; checkpoint the WAL."""
+        now = time.time()
+        with self.transaction() as conn:
+            removed = conn.execute(self.sql(SWEEP_MESSAGES), (now,)).rowcount
+            for (name,) in conn.execute(self.sql(EXPIRED_QUEUES), (now,)).fetchall():
+                self._drop_queue(conn, name)
+                removed += 1
+            conn.execute(self.sql(SWEEP_DEAD_LETTERS), (now - dead_letter_retention,))
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return removed
+
+
+class _Transaction:
+    """Context manager for ``BEGIN IMMEDIATE`` … ``COMMIT``/``ROLLBACK``."""
+
+    def __init__(self, store: Store, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+            self._store.local_writes += 1
+        else:
+            self._conn.execute("ROLLBACK")
