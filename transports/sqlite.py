@@ -365,9 +365,12 @@ class Channel(virtual.Channel):
             self.store.delete_queue(queue)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> SQLiteMessage | None:
+        """Claim one message; dead-lettered ones are skipped, so None means the queue is empty."""
         self.connection.keeper.register(self)
-        for claimed in self._claim(queue, 1, no_ack):
-            return self._to_message(queue, self._envelope(claimed, queue), no_ack)
+        while claimed := self._claim(queue, 1, no_ack):
+            message = self._to_message(queue, self._envelope(claimed[0], queue), no_ack)
+            if message is not None:
+                return message
         return None
 
     def drain_events(self, timeout: float | None = None, callback: Any = None) -> None:

@@ -158,7 +158,6 @@ DEFAULT_WAL_SIZE_LIMIT = 8 * 1024 * 1024
 WAL_AUTOCHECKPOINT_PAGES = 1000
 #: Seconds before consumed queues without ``x-expires`` are looked at again.
 QUEUE_EXPIRY_RECHECK = 60.0
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class DatabaseUnavailable(Exception):
@@ -213,13 +212,10 @@ def check_path(path: Path) -> None:
                 f"SQLite broker: database {path} is not readable and writable by this user;"
                 " fix its owner or permissions"
             )
-        with path.open("rb") as head:
-            magic = head.read(len(_SQLITE_MAGIC))
-        if magic and magic != _SQLITE_MAGIC:
-            raise DatabaseUnavailable(
-                f"SQLite broker: {path} is not an SQLite database;"
-                " point the broker URL / DATABASE_URL at a media_store.db file"
-            )
+        # The SQLite header is checked by SQLite itself ("file is not a database",
+        # wrapped in _connect), never by opening the file here: closing any
+        # descriptor of the file drops every POSIX lock this process holds on it,
+        # and another process could then delete the -wal file under us.
     elif not os.access(folder, os.W_OK | os.X_OK):
         raise DatabaseUnavailable(
             f"SQLite broker: cannot create database {path}: folder {folder} is not writable;"
@@ -285,6 +281,11 @@ class Store:
             conn.execute(f"PRAGMA journal_size_limit={int(self._wal_size_limit)}")
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise DatabaseUnavailable(
+                    f"SQLite broker: {self.path} is not an SQLite database;"
+                    " point the broker URL / DATABASE_URL at a media_store.db file"
+                ) from exc
             raise DatabaseUnavailable(
                 f"SQLite broker: cannot open {self.path}: {exc};"
                 " check that it is an SQLite database on a local disk"

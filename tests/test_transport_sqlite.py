@@ -1,0 +1,350 @@
+"""What the SQLite transport promises beyond the shared contract.
+
+Dead letters, bad database paths, coexistence with the API service's tables,
+no-ack queues, wake-up without polling, fork and thread safety, the WAL bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from tests.conftest import PYTHON, subprocess_env
+from transports.sqlite import Options, Transport
+from transports.store import DatabaseUnavailable, Store
+
+EXCHANGE = Exchange("tasks", "direct")
+QUEUE = Queue("work", EXCHANGE, "work")
+
+
+def db_path(url: str) -> Path:
+    return Path(url.split("sqlite:///", 1)[1].split("?", 1)[0])
+
+
+def rows(url: str, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db_path(url)) as conn:
+        return conn.execute(query).fetchall()
+
+
+def publish(conn: Connection, *bodies: object, **kwargs: object) -> None:
+    producer = Producer(conn.channel())
+    for body in bodies:
+        producer.publish(body, exchange=EXCHANGE, routing_key="work", declare=[QUEUE], **kwargs)
+
+
+def test_stored_payload_that_is_not_a_message_is_dead_lettered(sqlite_url: str) -> None:
+    # Given a garbage row between two good messages
+    with Connection(sqlite_url) as conn:
+        publish(conn, "before")
+        with sqlite3.connect(db_path(sqlite_url)) as raw:
+            raw.execute(
+                "INSERT INTO kombu_message (queue, payload, created_at) VALUES ('work', '{not json', 0)"
+            )
+        publish(conn, "after")
+        # When a consumer drains the queue
+        bound = QUEUE(conn.channel())
+        bodies = []
+        while (message := bound.get()) is not None:
+            bodies.append(message.payload)
+            message.ack()
+    # Then the good ones arrive and the garbage sits in the dead-letter table with a reason
+    assert bodies == ["before", "after"]
+    dead = rows(sqlite_url, "SELECT queue, payload, reason FROM kombu_dead_letter")
+    assert len(dead) == 1
+    assert dead[0][0] == "work" and dead[0][1] == "{not json"
+    assert "not a message" in str(dead[0][2])
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+
+
+def test_body_refused_by_the_consumer_is_dead_lettered(sqlite_url: str) -> None:
+    # Given a pickled message followed by a JSON one, and a JSON-only consumer
+    with Connection(sqlite_url) as conn:
+        publish(conn, {"evil": "pickle"}, serializer="pickle")
+        publish(conn, {"good": "json"})
+        seen: list[object] = []
+        errors: list[Exception] = []
+
+        def on_decode_error(message: object, exc: Exception) -> None:
+            errors.append(exc)
+            message.ack()  # type: ignore[attr-defined] - what Celery does
+
+        with Consumer(
+            conn,
+            [QUEUE],
+            accept=["json"],
+            callbacks=[lambda body, message: (seen.append(body), message.ack())],
+            on_decode_error=on_decode_error,
+        ):
+            deadline = time.monotonic() + 5
+            while not seen and time.monotonic() < deadline:
+                conn.drain_events(timeout=1)
+    # Then the pickle never reaches the callback, the JSON one does, the pickle is kept
+    assert seen == [{"good": "json"}]
+    assert len(errors) == 1
+    dead = rows(sqlite_url, "SELECT reason, payload FROM kombu_dead_letter")
+    assert len(dead) == 1
+    assert "cannot decode body" in str(dead[0][0])
+    assert json.loads(str(dead[0][1]))["content-type"] == "application/x-python-serialize"
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+
+
+def test_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "media_store.db"
+    with pytest.raises(DatabaseUnavailable, match=r"folder .*nope.* does not exist; create it"):
+        Connection(f"sqlite:///{missing}").connect()
+
+
+def test_file_that_is_not_sqlite_is_one_clear_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "media_store.db"
+    bogus.write_text("this is a text file, not a database\n" * 10)
+    with pytest.raises(DatabaseUnavailable, match="is not an SQLite database"):
+        Connection(f"sqlite:///{bogus}").connect()
+    assert bogus.read_text().startswith("this is a text file")
+
+
+def connect_error_as_nobody(url: str) -> str:
+    """The error text of connecting to ``url`` from a forked child running as "nobody".
+
+    Root ignores file modes, so the child drops to an unprivileged user first
+    (no exec needed: the interpreter and kombu are already loaded).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        text = "connected"
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            Connection(url).connect()
+        except Exception as exc:
+            text = str(exc)
+        os.write(write_end, text.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_unwritable_database_is_one_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    database = folder / "media_store.db"
+    sqlite3.connect(database).execute("CREATE TABLE t (x)").connection.close()
+    database.chmod(0o444)
+    for part in [folder, *folder.parents]:
+        part.chmod(part.stat().st_mode | 0o005)
+    error = connect_error_as_nobody(f"sqlite:///{database}")
+    assert error == (
+        f"SQLite broker: database {database} is not readable and writable by this user;"
+        " fix its owner or permissions"
+    )
+
+
+def test_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "readonly"
+    folder.mkdir(mode=0o755)
+    for part in [folder, *folder.parents]:
+        part.chmod(part.stat().st_mode | 0o005)
+    error = connect_error_as_nobody(f"sqlite:///{folder / 'media_store.db'}")
+    assert f"cannot create database {folder / 'media_store.db'}: folder {folder} is not writable" in error
+
+
+def test_broker_tables_sit_beside_the_api_tables_without_touching_them(tmp_path: Path) -> None:
+    # Given a media_store.db the API service made, with its own tables and rows
+    database = tmp_path / "media_store.db"
+    with sqlite3.connect(database) as api:
+        api.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, job_id TEXT, status TEXT, priority INT)")
+        api.execute("CREATE TABLE entities (id INTEGER PRIMARY KEY, label TEXT)")
+        api.execute("INSERT INTO jobs (job_id, status, priority) VALUES ('j1', 'queued', 5)")
+        api.execute("INSERT INTO entities (label) VALUES ('cat.jpg')")
+    schema_before = sorted(sqlite3.connect(database).execute("SELECT name, sql FROM sqlite_master").fetchall())
+    # When the broker is used on the same file
+    url = f"sqlite:///{database}"
+    with Connection(url) as conn:
+        publish(conn, "hello")
+        message = QUEUE(conn.channel()).get()
+        assert message is not None
+        message.ack()
+    # Then the API's tables are as they were and the broker's are prefixed
+    with sqlite3.connect(database) as check:
+        schema_after = sorted(check.execute("SELECT name, sql FROM sqlite_master").fetchall())
+        assert check.execute("SELECT job_id, status, priority FROM jobs").fetchall() == [("j1", "queued", 5)]
+        assert check.execute("SELECT label FROM entities").fetchall() == [("cat.jpg",)]
+    new = {name for name, _ in set(schema_after) - set(schema_before)}
+    assert set(schema_before) <= set(schema_after)
+    assert new and all(name.startswith(("kombu_", "sqlite_")) for name in new), new
+
+
+def test_table_prefix_option(sqlite_url: str) -> None:
+    with Connection(sqlite_url, transport_options={"table_prefix": "broker_"}) as conn:
+        publish(conn, "x")
+    names = {name for (name,) in rows(sqlite_url, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "broker_message" in names and "kombu_message" not in names
+
+
+def test_no_ack_get_deletes_on_delivery(sqlite_url: str) -> None:
+    with Connection(sqlite_url) as conn:
+        publish(conn, "gone once read")
+        message = QUEUE(conn.channel()).get(no_ack=True)
+        assert message is not None and message.payload == "gone once read"
+        assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+
+
+def test_no_ack_consumer_deletes_on_delivery(sqlite_url: str) -> None:
+    with Connection(sqlite_url) as conn:
+        publish(conn, 1, 2, 3)
+        seen: list[object] = []
+        with Consumer(conn, [QUEUE], no_ack=True, callbacks=[lambda body, _: seen.append(body)]):
+            while len(seen) < 3:
+                conn.drain_events(timeout=2)
+        assert seen == [1, 2, 3]
+        assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+
+
+def test_a_commit_in_another_process_wakes_the_consumer_without_polling(sqlite_url: str) -> None:
+    # Given a consumer whose fallback poll is 60 s away
+    url = sqlite_url + "?polling_interval=60"
+    with Connection(url) as conn:
+        publish(conn, "prime")
+        seen: list[object] = []
+        with Consumer(conn, [QUEUE], callbacks=[lambda body, m: (seen.append(body), m.ack())]):
+            conn.drain_events(timeout=5)
+            assert seen == ["prime"]
+            # When another process publishes while the consumer sleeps
+            script = (
+                "import time, transports; from kombu import Connection, Exchange\n"
+                "time.sleep(0.5)\n"
+                f"with Connection({url!r}) as c:\n"
+                "    c.Producer().publish('woken', exchange=Exchange('tasks','direct'), routing_key='work')\n"
+            )
+            child = subprocess.Popen([PYTHON, "-c", script], env=subprocess_env())
+            started = time.monotonic()
+            conn.drain_events(timeout=30)
+            waited = time.monotonic() - started
+            child.wait(timeout=30)
+    # Then it is woken by the commit, long before any poll could have found it
+    assert seen == ["prime", "woken"]
+    assert waited < 30
+
+
+def test_an_empty_claim_writes_nothing(sqlite_url: str) -> None:
+    # Idle consumers must not wake each other: a claim that finds nothing commits nothing.
+    store = Store(db_path(sqlite_url))
+    observer = sqlite3.connect(db_path(sqlite_url))
+    store.declare_queue("idle", message_ttl=None, expires=None, auto_delete=False)
+    version = observer.execute("PRAGMA data_version").fetchone()
+    assert store.claim("idle", owner="me", limit=5, lease=10) == []
+    assert observer.execute("PRAGMA data_version").fetchone() == version
+
+
+def test_ack_from_another_thread(sqlite_url: str) -> None:
+    with Connection(sqlite_url) as conn:
+        publish(conn, "acked elsewhere")
+        message = QUEUE(conn.channel()).get()
+        assert message is not None
+        worker = threading.Thread(target=message.ack)
+        worker.start()
+        worker.join()
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+
+
+def test_connection_used_before_fork_works_in_the_child(sqlite_url: str) -> None:
+    with Connection(sqlite_url) as conn:
+        publish(conn, "from parent")
+        pid = os.fork()
+        if pid == 0:  # the child publishes through the inherited kombu connection
+            try:
+                publish(conn, "from child")
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        bound = QUEUE(conn.channel())
+        bodies = []
+        while (message := bound.get()) is not None:
+            bodies.append(message.payload)
+            message.ack()
+    assert bodies == ["from parent", "from child"]
+
+
+def test_options_from_query_string_and_transport_options(sqlite_url: str) -> None:
+    conn = Connection(
+        sqlite_url + "?visibility_timeout=12.5", transport_options={"polling_interval": 0.25, "claim_batch": 3}
+    )
+    transport = conn.transport
+    assert isinstance(transport, Transport)
+    assert transport.options == Options(visibility_timeout=12.5, polling_interval=0.25, claim_batch=3)
+    assert transport.polling_interval == 0.25
+
+
+def test_bad_option_is_named() -> None:
+    with pytest.raises(ValueError, match=r"visibility_timeout='soon' must be a float"):
+        Options.parse({"visibility_timeout": "soon"})
+    with pytest.raises(ValueError, match=r"polling_interval=0 must be above 0"):
+        Options.parse({"polling_interval": 0})
+
+
+def test_sweep_removes_expired_messages_and_queues(sqlite_url: str) -> None:
+    store = Store(db_path(sqlite_url))
+    store.declare_queue("short", message_ttl=0.05, expires=None, auto_delete=False)
+    store.declare_queue("departed", message_ttl=None, expires=0.05, auto_delete=False)
+    store.bind("departed", "ex", "k")
+    store.put("", "short", {"properties": {}}, priority=0, expires_at=None)
+    store.put("", "departed", {"properties": {}}, priority=0, expires_at=None)
+    time.sleep(0.2)
+    store.sweep(dead_letter_retention=3600)
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    assert rows(sqlite_url, "SELECT name FROM kombu_queue") == [("short",)]
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_binding") == [(0,)]
+
+
+#: The documented bound of the ``-wal`` file (wal_size_limit + one auto-checkpoint of slack).
+WAL_BOUND = 16 * 1024 * 1024
+
+
+def test_wal_stays_bounded_through_20000_messages(sqlite_url: str) -> None:
+    # Given a publisher process writing 20,000 messages while we consume them
+    script = (
+        "import transports; from kombu import Connection, Exchange, Queue\n"
+        f"with Connection({sqlite_url!r}) as c:\n"
+        "    p = c.Producer(); q = Queue('work', Exchange('tasks','direct'), 'work')\n"
+        "    for n in range(20000):\n"
+        "        p.publish({'n': n, 'pad': 'x' * 200}, exchange=q.exchange, routing_key='work', declare=[q])\n"
+    )
+    with Connection(sqlite_url) as conn:
+        QUEUE(conn.channel()).declare()
+        child = subprocess.Popen([PYTHON, "-c", script], env=subprocess_env())
+        wal = Path(f"{db_path(sqlite_url)}-wal")
+        acked: list[int] = []
+        largest = 0
+
+        def on_message(body: dict[str, int], message: object) -> None:
+            message.ack()  # type: ignore[attr-defined]
+            acked.append(body["n"])
+
+        with Consumer(conn, [QUEUE], prefetch_count=50, callbacks=[on_message]):
+            deadline = time.monotonic() + 240
+            while len(acked) < 20000 and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=5)
+                largest = max(largest, wal.stat().st_size)
+        child.wait(timeout=60)
+    # Then every message went through once and the WAL never outgrew the bound
+    assert sorted(acked) == list(range(20000))
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    print(f"largest -wal: {largest} bytes")
+    assert largest < WAL_BOUND, f"-wal grew to {largest} bytes"
+    assert wal.stat().st_size < WAL_BOUND
