@@ -170,7 +170,9 @@ def test_broker_tables_sit_beside_the_api_tables_without_touching_them(tmp_path:
         api.execute("CREATE TABLE entities (id INTEGER PRIMARY KEY, label TEXT)")
         api.execute("INSERT INTO jobs (job_id, status, priority) VALUES ('j1', 'queued', 5)")
         api.execute("INSERT INTO entities (label) VALUES ('cat.jpg')")
-    schema_before = sorted(sqlite3.connect(database).execute("SELECT name, sql FROM sqlite_master").fetchall())
+    schema_before = sorted(
+        sqlite3.connect(database).execute("SELECT name, sql FROM sqlite_master").fetchall()
+    )
     # When the broker is used on the same file
     url = f"sqlite:///{database}"
     with Connection(url) as conn:
@@ -282,7 +284,8 @@ def test_connection_used_before_fork_works_in_the_child(sqlite_url: str) -> None
 
 def test_options_from_query_string_and_transport_options(sqlite_url: str) -> None:
     conn = Connection(
-        sqlite_url + "?visibility_timeout=12.5", transport_options={"polling_interval": 0.25, "claim_batch": 3}
+        sqlite_url + "?visibility_timeout=12.5",
+        transport_options={"polling_interval": 0.25, "claim_batch": 3},
     )
     transport = conn.transport
     assert isinstance(transport, Transport)

@@ -1,0 +1,185 @@
+"""A real ``celery worker`` (prefork, 2 processes) on the SQLite broker.
+
+Tasks, retries with countdown, ETA, revoke, ``celery inspect``/``status``/
+``control`` and the task events an event receiver (Flower's way) sees.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests.conftest import PYTHON, subprocess_env
+
+NODE = f"w1@{socket.gethostname()}"
+
+
+@pytest.fixture(scope="module")
+def worker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp_path = tmp_path_factory.mktemp("celery-worker")
+    database = tmp_path / "media_store.db"
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    return subprocess_env(
+        TEST_BROKER_URL=f"sqlite:///{database}",
+        TEST_RESULT_BACKEND=f"db+sqlite:///{database}",
+        TEST_LEDGER=str(ledger),
+    )
+
+
+@pytest.fixture
+def sample_app(worker_env: dict[str, str]) -> Iterator[Celery]:
+    """A client app of its own per test (Celery caches backends and pools per app)."""
+    app = Celery("client", broker=worker_env["TEST_BROKER_URL"], backend=worker_env["TEST_RESULT_BACKEND"])
+    app.conf.update(
+        database_engine_options={"connect_args": {"timeout": 60}},
+        task_send_sent_event=True,
+        accept_content=["json"],
+    )
+    yield app
+    app.close()
+
+
+def celery(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "celery", "-A", "apps.sample_tasks", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def celery_worker(worker_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """A prefork worker with two processes, shared by the tests of this module."""
+    log = Path(worker_env["TEST_LEDGER"]).parent / "worker.log"
+    process = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "celery",
+            "-A",
+            "apps.sample_tasks",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "2",
+            "-n",
+            "w1@%h",
+            "-l",
+            "info",
+            "--logfile",
+            str(log),
+            "--without-mingle",
+        ],
+        env=worker_env,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while "ready." not in (log.read_text() if log.exists() else ""):
+        assert process.poll() is None, f"worker exited: {log.read_text() if log.exists() else ''}"
+        assert time.monotonic() < deadline, "worker did not become ready in 60 s"
+        time.sleep(0.1)
+    yield process
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def test_tasks_sent_from_the_test_run(sample_app: Celery, celery_worker: Any) -> None:
+    results = [sample_app.send_task("apps.sample_tasks.add", (n, n)) for n in range(10)]
+    assert [result.get(timeout=30) for result in results] == [2 * n for n in range(10)]
+
+
+def test_retry_with_countdown(sample_app: Celery, celery_worker: Any) -> None:
+    result = sample_app.send_task("apps.sample_tasks.flaky", ("k1",))
+    assert result.get(timeout=30) == 2
+
+
+def test_eta_task_runs_at_its_time(sample_app: Celery, celery_worker: Any) -> None:
+    eta = datetime.now(UTC) + timedelta(seconds=2)
+    result = sample_app.send_task("apps.sample_tasks.add", (1, 2), eta=eta)
+    assert result.get(timeout=30) == 3
+    assert result.date_done is not None
+    assert result.date_done.replace(tzinfo=UTC) >= eta - timedelta(milliseconds=50)
+
+
+def test_revoke_before_it_runs(sample_app: Celery, celery_worker: Any, worker_env: dict[str, str]) -> None:
+    result = sample_app.send_task("apps.sample_tasks.record", ("revoked",), countdown=3)
+    time.sleep(0.5)
+    result.revoke()
+    time.sleep(4)
+    assert result.state == "REVOKED"
+    assert not (Path(worker_env["TEST_LEDGER"]) / "runs").exists()
+
+
+def test_revoke_terminate_stops_a_running_task(sample_app: Celery, celery_worker: Any) -> None:
+    result = sample_app.send_task("apps.sample_tasks.sleep_for", (30,))
+    deadline = time.monotonic() + 20
+    while result.state != "STARTED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    result.revoke(terminate=True, signal="SIGKILL")
+    deadline = time.monotonic() + 20
+    while result.state != "REVOKED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert result.state == "REVOKED"
+
+
+def test_inspect_ping_status_and_control(celery_worker: Any, worker_env: dict[str, str]) -> None:
+    ping = celery(worker_env, "inspect", "ping", "-d", NODE, "-t", "3")
+    assert ping.returncode == 0, ping.stderr
+    assert "pong" in ping.stdout
+    status = celery(worker_env, "status", "-t", "3")
+    assert status.returncode == 0, status.stderr
+    assert NODE in status.stdout and "1 node online" in status.stdout
+    registered = celery(worker_env, "inspect", "registered", "-t", "3")
+    assert "apps.sample_tasks.add" in registered.stdout
+    limit = celery(worker_env, "control", "rate_limit", "apps.sample_tasks.add", "100/m", "-t", "3")
+    assert limit.returncode == 0, limit.stderr
+    assert "new rate limit set successfully" in limit.stdout
+    added = celery(worker_env, "control", "add_consumer", "extra", "-t", "3")
+    assert "add consumer extra" in added.stdout
+    queues = celery(worker_env, "inspect", "active_queues", "-t", "3")
+    assert "'name': 'extra'" in queues.stdout
+
+
+def test_task_events_reach_an_event_receiver(sample_app: Celery, celery_worker: Any) -> None:
+    # Given an event receiver capturing as Flower does (one long capture)
+    seen: list[tuple[str, str]] = []
+    sent: list[str] = []
+    with sample_app.connection() as conn:
+
+        def on_event(event: dict[str, Any]) -> None:
+            seen.append((event["type"], event.get("uuid", "")))
+            if event["type"] == "task-succeeded" and event.get("uuid") in sent:
+                receiver.should_stop = True
+
+        receiver = sample_app.events.Receiver(conn, handlers={"*": on_event})
+        listener = threading.Thread(
+            target=receiver.capture, kwargs={"limit": None, "timeout": 30, "wakeup": False}, daemon=True
+        )
+        listener.start()
+        time.sleep(1.0)  # the receiver's queue is declared and bound
+        # When a task runs
+        result = sample_app.send_task("apps.sample_tasks.add", (20, 22))
+        sent.append(result.id)
+        assert result.get(timeout=30) == 42
+        listener.join(timeout=35)
+    # Then its whole life reached the receiver through the topic exchange
+    kinds = {kind for kind, task_id in seen if task_id == result.id}
+    assert {"task-sent", "task-received", "task-started", "task-succeeded"} <= kinds, seen

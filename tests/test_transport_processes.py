@@ -1,0 +1,114 @@
+"""Several processes on one database: exactly-once draining, crashes and leases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from kombu import Connection, Exchange, Producer, Queue
+
+from tests.conftest import PYTHON, subprocess_env
+
+
+def start_consumer(url: str, queue: str, out: Path, *mode: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [PYTHON, "-m", "apps.consumer", url, queue, str(out), *mode], env=subprocess_env()
+    )
+
+
+def fill(url: str, queue_name: str, bodies: list[str]) -> None:
+    queue = Queue(queue_name, Exchange(queue_name, "direct"), queue_name)
+    with Connection(url) as conn:
+        producer = Producer(conn.channel())
+        for body in bodies:
+            producer.publish(body, exchange=queue.exchange, routing_key=queue_name, declare=[queue])
+
+
+def wait_for_file(path: Path, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written within {timeout}s")
+
+
+def test_four_consumers_drain_5000_messages_exactly_once(sqlite_url: str, tmp_path: Path) -> None:
+    # Given 5,000 distinct messages in one queue
+    bodies = [f"m{n}" for n in range(5000)]
+    fill(sqlite_url, "bulk", bodies)
+    # When four consumer processes drain it at the same time
+    outs = [tmp_path / f"consumer{n}.txt" for n in range(4)]
+    consumers = [start_consumer(sqlite_url, "bulk", out, "drain") for out in outs]
+    for consumer in consumers:
+        assert consumer.wait(timeout=300) == 0
+    # Then every message was delivered once, none lost, and the work was shared
+    received = [line for out in outs for line in out.read_text().splitlines()]
+    counts = Counter(received)
+    assert sorted(counts) == sorted(bodies)
+    assert max(counts.values()) == 1
+    assert sum(1 for out in outs if out.read_text()) >= 2
+
+
+def test_messages_of_a_killed_consumer_return_after_the_visibility_timeout(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    url = sqlite_url + "?visibility_timeout=2"
+    fill(url, "crash", ["a", "b", "c"])
+    # Given a consumer holding all three messages unacked
+    out = tmp_path / "held.txt"
+    holder = start_consumer(url, "crash", out, "hold", "3")
+    assert sorted(wait_for_file(out).split()) == ["a", "b", "c"]
+    # When it is killed with SIGKILL
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=10)
+    killed_at = time.monotonic()
+    queue = Queue("crash", Exchange("crash", "direct"), "crash")
+    with Connection(url) as conn:
+        bound = queue(conn.channel())
+        # Then nobody gets them while the lease runs…
+        assert bound.get() is None
+        # …and another consumer receives all of them once it has run out
+        got: list[str] = []
+        while len(got) < 3 and time.monotonic() - killed_at < 20:
+            message = bound.get()
+            if message is None:
+                time.sleep(0.1)
+                continue
+            assert message.delivery_info["redelivered"] is True
+            got.append(message.payload)
+            message.ack()
+    assert sorted(got) == ["a", "b", "c"]
+    assert time.monotonic() - killed_at >= 1.0
+
+
+def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    url = sqlite_url + "?visibility_timeout=1"
+    fill(url, "long", ["x", "y"])
+    # Given a consumer that holds two messages for 4 s, four visibility timeouts
+    out = tmp_path / "worker.txt"
+    worker = start_consumer(url, "long", out, "work", "2", "4")
+    wait_for_file(out)
+    queue = Queue("long", Exchange("long", "direct"), "long")
+    stolen = []
+    with Connection(url) as conn:
+        bound = queue(conn.channel())
+        # When another consumer keeps trying to take them meanwhile
+        while worker.poll() is None:
+            message = bound.get()
+            if message is not None:
+                stolen.append(message.payload)
+                message.ack()
+            time.sleep(0.1)
+    # Then it never gets them: the live worker extended its leases, then acked
+    assert worker.returncode == 0
+    assert out.read_text() == "claimed\nacked\n"
+    assert stolen == []
+    with Connection(url) as conn:
+        assert queue(conn.channel()).get() is None
