@@ -30,4 +30,3 @@ task_send_sent_event = True
 broker_connection_retry_on_startup = True
 broker_transport_options = {"visibility_timeout": 60.0, "polling_interval": 1.0}
 worker_hijack_root_logger = True
-worker_log_level = _settings.log_level

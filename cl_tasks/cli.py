@@ -1,10 +1,16 @@
-"""The ``cl-tasks`` command (grows with the operations issue); today: ``worker``."""
+"""The ``cl-tasks`` command (grows with the operations issue); today: ``worker``.
+
+``cl-tasks worker`` runs ``celery -A cl_tasks worker`` with ``-l $LOG_LEVEL``
+unless a log level is given, plus the node name and queues asked for.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from cl_tasks.settings import load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         command += ["-n", f"{args.worker_id}@%h"]
     if args.queues:
         command += ["-Q", args.queues]
+    if not any(arg in ("-l", "--loglevel") or arg.startswith("--loglevel=") for arg in rest):
+        command += ["-l", load().log_level]
     os.execv(sys.executable, command + rest)
     return 0  # pragma: no cover - execv does not return
 

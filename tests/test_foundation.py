@@ -1,0 +1,100 @@
+"""The project's foundation: settings from the environment, the app, the quick start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+
+from cl_tasks.settings import SettingsError, load
+from tests.conftest import PYTHON, ROOT, subprocess_env
+
+
+def test_default_broker_is_sqlite_under_cl_server_dir(tmp_path: Path) -> None:
+    settings = load({"CL_SERVER_DIR": str(tmp_path)})
+    assert settings.broker_url == f"sqlite:///{tmp_path / 'media_store.db'}"
+    assert settings.result_backend == f"db+sqlite:///{tmp_path / 'media_store.db'}"
+    assert settings.sqlite_path == tmp_path / "media_store.db"
+
+
+def test_database_url_moves_the_file_and_broker_url_overrides(tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere.db"
+    settings = load({"CL_SERVER_DIR": str(tmp_path), "DATABASE_URL": f"sqlite:///{other}"})
+    assert settings.broker_url == f"sqlite:///{other}"
+    moved = load({"DATABASE_URL": f"sqlite:///{other}", "CELERY_BROKER_URL": "amqp://guest@localhost//"})
+    assert moved.broker_url == "amqp://guest@localhost//"
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(SettingsError, match="LOG_LEVEL='LOUD'"):
+        load({"LOG_LEVEL": "loud"})
+    with pytest.raises(SettingsError, match="CELERY_BROKER_URL is required"):
+        load({"DATABASE_URL": "postgresql://localhost/test"})
+    with pytest.raises(SettingsError, match="DATABASE_URL="):
+        load({"DATABASE_URL": "sqlite://relative-without-third-slash.db"})
+
+
+def test_relative_url_and_explicit_transport_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with Connection("sqlite:///relative.db") as conn:
+        conn.connect()
+    assert (tmp_path / "relative.db").exists()
+    with Connection(f"sqlite:///{tmp_path / 'explicit.db'}", transport="transports.sqlite:Transport") as conn:
+        conn.SimpleQueue("q").put("hello")
+        assert conn.SimpleQueue("q").get(timeout=2).payload == "hello"
+
+
+def test_quick_start_worker_on_the_embedded_default(tmp_path: Path) -> None:
+    # Given a fresh folder and no configuration at all
+    env = subprocess_env()
+    for name in ("CL_SERVER_DIR", "DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = str(ROOT)
+    log = tmp_path / "worker.log"
+    # When `cl-tasks worker` starts there
+    worker = subprocess.Popen(
+        [PYTHON, "-m", "cl_tasks.cli", "worker", "--worker-id", "quick", "-P", "solo", "--logfile", str(log)],
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "ready." not in (log.read_text() if log.exists() else ""):
+            assert worker.poll() is None and time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.2)
+        # Then it runs on ./data/media_store.db, owner-only, and answers celery inspect
+        database = tmp_path / "data" / "media_store.db"
+        assert stat.S_IMODE(database.stat().st_mode) == 0o600
+        assert stat.S_IMODE(database.parent.stat().st_mode) == 0o700
+        ping = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "cl_tasks",
+                "inspect",
+                "ping",
+                "-t",
+                "3",
+                "-d",
+                f"quick@{socket.gethostname()}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "pong" in ping.stdout, ping.stderr
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert os.path.exists(tmp_path / "data" / "media_store.db")
