@@ -17,6 +17,7 @@ import transports  # noqa: F401 - registers the ``sqlite://`` broker alias
 
 app = Celery("cl_tasks")
 app.config_from_object("celeryconfig")
+app.conf.task_routes = ("cl_tasks.tasks.route",)
 
 
 @app.on_after_configure.connect  # type: ignore[untyped-decorator]

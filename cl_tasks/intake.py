@@ -1,0 +1,109 @@
+"""Intake: queued ``jobs`` rows written by anyone become Celery messages.
+
+A thread in the worker's main process. It reserves queued rows of the task
+types this worker consumes that have no message yet (``cl_tasks_intake``) and
+publishes them with task id = ``job_id`` to the queue named after the task
+type. On SQLite it wakes on every commit to the database (the transport's
+inotify watch), so a new row is published within milliseconds; on other
+databases, and for rows set back to ``queued`` by an update, it relies on the
+full scan every ``WORKER_POLL_INTERVAL`` seconds. Reservations whose publisher
+died before publishing are dropped after a minute and published again.
+
+A row whose ``params`` is not a JSON object ends ``error`` at once. A row of a
+task type no worker runs stays ``queued`` until a worker for it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from celery import Celery
+
+from cl_tasks.jobs import Job, JobStore
+from cl_tasks.settings import Settings
+from transports.wakeup import CommitWatch
+
+logger = logging.getLogger(__name__)
+
+#: Rows reserved per transaction.
+BATCH = 100
+#: Seconds after which an unpublished reservation is given up and retried.
+STALE_RESERVATION = 60.0
+#: Shortest pause between two scans while commits keep coming (seconds).
+MIN_SCAN_GAP = 0.002
+
+
+class Intake(threading.Thread):
+    """Publishes queued rows of ``task_types()`` until :meth:`stop` is called."""
+
+    def __init__(
+        self, app: Celery, store: JobStore, settings: Settings, task_types: Callable[[], Iterable[str]]
+    ) -> None:
+        super().__init__(name="cl_tasks-intake", daemon=True)
+        self._app = app
+        self._store = store
+        self._settings = settings
+        self._task_types = task_types
+        self._stopped = threading.Event()
+        path = settings.sqlite_path
+        self._watch = CommitWatch(path) if path is not None else None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        last_id = 0
+        next_full_scan = 0.0
+        while not self._stopped.is_set():
+            if self._watch is not None:
+                self._watch.drain()
+            try:
+                if time.monotonic() >= next_full_scan:
+                    next_full_scan = time.monotonic() + self._settings.poll_interval
+                    self._store.forget_stale_reservations(STALE_RESERVATION)
+                    last_id = self.scan(after_id=0)
+                else:
+                    last_id = max(last_id, self.scan(after_id=last_id))
+            except Exception:
+                logger.exception("intake of queued jobs failed; retrying")
+            self._wait(next_full_scan - time.monotonic())
+
+    def _wait(self, timeout: float) -> None:
+        timeout = max(timeout, MIN_SCAN_GAP)
+        if self._watch is None:
+            self._stopped.wait(timeout)
+        else:
+            self._watch.wait(timeout)
+            time.sleep(MIN_SCAN_GAP)
+
+    def scan(self, *, after_id: int) -> int:
+        """Publish every reservable row above ``after_id``; returns the highest id looked at."""
+        types = list(self._task_types())
+        top = self._store.max_id()
+        while types:
+            reserved = self._store.reserve_queued(types, after_id=after_id, limit=BATCH)
+            for job in reserved:
+                self.publish(job)
+            if len(reserved) < BATCH:
+                break
+            after_id = reserved[-1].id
+        return top
+
+    def publish(self, job: Job) -> None:
+        try:
+            params = json.loads(job.params)
+        except ValueError as exc:
+            self._store.fail(job.job_id, f"params is not valid JSON ({exc}); fix the row's params")
+            return
+        if not isinstance(params, dict):
+            self._store.fail(job.job_id, "params must be a JSON object of the job's parameters")
+            return
+        priority = None if job.priority is None else max(0, min(9, int(job.priority)))
+        self._app.send_task(
+            job.task_type, kwargs=params, task_id=job.job_id, queue=job.task_type, priority=priority
+        )
+        logger.info("queued job %s (%s) published", job.job_id, job.task_type)

@@ -1,0 +1,410 @@
+"""The ``jobs`` table of the cl_server API service: the only SQL for it.
+
+SQLAlchemy Core, so the same code runs on SQLite and PostgreSQL. The API
+service owns ``jobs``: it is created only when missing (with an index on
+``status``), never altered, and extra columns (``priority`` …) are tolerated.
+Two small tables of ours sit beside it:
+
+``cl_tasks_job_lease``
+    Who works on a ``processing`` job and until when. A worker renews its lease
+    while the runner works; a job whose lease ran out is taken over.
+``cl_tasks_intake``
+    Jobs that have (or are about to get) a Celery message, so a queued row is
+    published once: reserved first, marked published after the broker took it.
+
+On SQLite every write transaction is ``BEGIN IMMEDIATE`` (a deferred
+read-then-write transaction fails with ``SQLITE_BUSY_SNAPSHOT``, which
+``busy_timeout`` does not retry); on PostgreSQL rows are locked with
+``FOR UPDATE`` (``SKIP LOCKED`` for intake).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    column,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+metadata = MetaData()
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Text, unique=True, nullable=False),
+    Column("task_type", Text, nullable=False),
+    Column("params", Text, nullable=False, server_default="{}"),
+    Column("status", Text, nullable=False),
+    Column("progress", Integer, nullable=False, server_default="0"),
+    Column("created_at", BigInteger),
+    Column("started_at", BigInteger),
+    Column("completed_at", BigInteger),
+    Column("task_output", Text),
+    Column("error_message", Text),
+    Column("retry_count", Integer, server_default="0"),
+    Column("max_retries", Integer, server_default="3"),
+    Column("created_by", Text),
+    Index("ix_jobs_status", "status"),
+)
+leases = Table(
+    "cl_tasks_job_lease",
+    metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("owner", Text, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+intake = Table(
+    "cl_tasks_intake",
+    metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("reserved_at", Float, nullable=False),
+    Column("published_at", Float),
+)
+
+QUEUED, PROCESSING, COMPLETED, ERROR = "queued", "processing", "completed", "error"
+#: Columns the worker reads or writes; an existing ``jobs`` table must have them.
+REQUIRED_COLUMNS = frozenset(
+    {
+        "job_id",
+        "task_type",
+        "params",
+        "status",
+        "progress",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "task_output",
+        "error_message",
+    }
+)
+#: Seconds SQLite waits for another writer before failing.
+SQLITE_BUSY_TIMEOUT = 60.0
+
+
+class JobsTableError(RuntimeError):
+    """Raised when the ``jobs`` table exists but lacks a column the worker needs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of ``jobs`` as the worker sees it."""
+
+    id: int
+    job_id: str
+    task_type: str
+    params: str
+    status: str
+    progress: int
+    created_at: int | None
+    started_at: int | None
+    completed_at: int | None
+    task_output: str | None
+    error_message: str | None
+    priority: int | None = None
+
+    def output(self) -> Any:
+        """``task_output`` decoded from JSON (None when unset)."""
+        return None if self.task_output is None else json.loads(self.task_output)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claiming a job found: run it, it is already done, or someone else has it."""
+
+    outcome: Literal["claimed", "done", "busy", "missing"]
+    job: Job | None
+    retry_in: float = 0.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _immediate_transactions(engine: Engine) -> None:
+    """Make pysqlite leave transactions to us and begin them with ``BEGIN IMMEDIATE``."""
+
+    @event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Connection) -> None:
+        read_only = connection.get_execution_options().get("cl_read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+class JobStore:
+    """The ``jobs`` table at ``url``; one engine per process, made after fork."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: Engine | None = None
+        self._pid = 0
+        self._columns: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None or self._pid != os.getpid():
+                self._engine = self._create_engine()
+                self._pid = os.getpid()
+        return self._engine
+
+    def _create_engine(self) -> Engine:
+        if self.url.startswith("sqlite"):
+            engine = create_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+            _immediate_transactions(engine)
+        else:
+            engine = create_engine(self.url, pool_pre_ping=True)
+        metadata.create_all(engine, checkfirst=True)
+        self._columns = frozenset(column["name"] for column in inspect(engine).get_columns("jobs"))
+        missing = REQUIRED_COLUMNS - self._columns
+        if missing:
+            raise JobsTableError(
+                f"the jobs table of {engine.url.render_as_string()} lacks columns {sorted(missing)};"
+                " it must follow the cl_server schema (see README)"
+            )
+        return engine
+
+    @property
+    def has_priority(self) -> bool:
+        self.engine  # noqa: B018 - reflects the columns
+        return "priority" in self._columns
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A read-only transaction: never takes SQLite's write lock."""
+        with self.engine.connect() as plain:
+            conn = plain.execution_options(cl_read_only=True)
+            with conn.begin():
+                yield conn
+
+    def _select_jobs(self) -> Any:
+        columns: list[Any] = [jobs.c[name] for name in Job.__dataclass_fields__ if name != "priority"]
+        if self.has_priority:
+            columns.append(column("priority", Integer))
+        return select(*columns).select_from(jobs)
+
+    @staticmethod
+    def _job(row: Any) -> Job:
+        return Job(**row._mapping)
+
+    # -- creating and reading -------------------------------------------------
+
+    def create(
+        self,
+        job_id: str,
+        task_type: str,
+        params: dict[str, Any],
+        *,
+        priority: int | None = None,
+        created_by: str | None = None,
+    ) -> bool:
+        """Insert a queued row and reserve its intake (its message is on the way).
+
+        Returns False when the row already exists (a retry, or intake's own
+        publish): nothing is changed then.
+        """
+        values: dict[str, Any] = {
+            "job_id": job_id,
+            "task_type": task_type,
+            "params": json.dumps(params),
+            "status": QUEUED,
+            "progress": 0,
+            "created_at": now_ms(),
+            "created_by": created_by,
+        }
+        if priority is not None and self.has_priority:
+            values["priority"] = priority
+        with self.transaction() as conn:
+            inserted = conn.execute(self._insert(jobs).values(**values).on_conflict_do_nothing()).rowcount
+            conn.execute(
+                self._insert(intake).values(job_id=job_id, reserved_at=time.time()).on_conflict_do_nothing()
+            )
+        return bool(inserted)
+
+    def _insert(self, table: Table) -> Any:
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
+    def get(self, job_id: str) -> Job | None:
+        with self.reading() as conn:
+            row = conn.execute(self._select_jobs().where(jobs.c.job_id == job_id)).first()
+        return None if row is None else self._job(row)
+
+    def recent(self, *, status: str | None = None, limit: int = 50) -> list[Job]:
+        query = self._select_jobs().order_by(jobs.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        with self.reading() as conn:
+            return [self._job(row) for row in conn.execute(query)]
+
+    def backlog(self) -> dict[str, int]:
+        """Queued jobs per task type."""
+        query = (
+            select(jobs.c.task_type, func.count()).where(jobs.c.status == QUEUED).group_by(jobs.c.task_type)
+        )
+        with self.reading() as conn:
+            return {task_type: count for task_type, count in conn.execute(query)}
+
+    # -- intake ---------------------------------------------------------------
+
+    def reserve_queued(self, task_types: Iterable[str], *, after_id: int, limit: int) -> list[Job]:
+        """Reserve queued rows of ``task_types`` with no message yet (id above ``after_id``)."""
+        types = sorted(task_types)
+        if not types:
+            return []
+        query = (
+            self._select_jobs()
+            .where(jobs.c.status == QUEUED, jobs.c.task_type.in_(types), jobs.c.id > after_id)
+            .where(jobs.c.job_id.not_in(select(intake.c.job_id)))
+            .order_by(jobs.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        reserved = []
+        with self.transaction() as conn:
+            for row in conn.execute(query).fetchall():
+                job = self._job(row)
+                insert = self._insert(intake).values(job_id=job.job_id, reserved_at=time.time())
+                if conn.execute(insert.on_conflict_do_nothing()).rowcount:
+                    reserved.append(job)
+        return reserved
+
+    def max_id(self) -> int:
+        with self.reading() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(jobs.c.id), 0))).scalar_one())
+
+    def mark_published(self, job_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(intake).where(intake.c.job_id == job_id).values(published_at=time.time()))
+
+    def forget_stale_reservations(self, older_than: float) -> int:
+        """Drop reservations whose publisher died before publishing, so intake retries them."""
+        cutoff = time.time() - older_than
+        query = delete(intake).where(intake.c.published_at.is_(None), intake.c.reserved_at < cutoff)
+        with self.transaction() as conn:
+            return int(conn.execute(query).rowcount)
+
+    # -- running ----------------------------------------------------------------
+
+    def claim(self, job_id: str, owner: str, lease: float) -> Claim:
+        """Take the job for ``owner``: once, or again when its last holder stopped renewing."""
+        now = time.time()
+        with self.transaction() as conn:
+            row = conn.execute(self._select_jobs().where(jobs.c.job_id == job_id).with_for_update()).first()
+            if row is None:
+                return Claim("missing", None)
+            job = self._job(row)
+            if job.status in (COMPLETED, ERROR):
+                return Claim("done", job)
+            held = conn.execute(select(leases).where(leases.c.job_id == job_id)).first()
+            if job.status == PROCESSING and held and held.owner != owner and held.expires_at > now:
+                return Claim("busy", job, retry_in=held.expires_at - now)
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.job_id == job_id)
+                .values(status=PROCESSING, started_at=now_ms(), progress=0, error_message=None)
+            )
+            upsert = self._insert(leases).values(job_id=job_id, owner=owner, expires_at=now + lease)
+            conn.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[leases.c.job_id], set_={"owner": owner, "expires_at": now + lease}
+                )
+            )
+        return Claim("claimed", job)
+
+    def renew(self, job_id: str, owner: str, lease: float) -> bool:
+        """Extend ``owner``'s lease; False if it lost the job."""
+        query = (
+            update(leases)
+            .where(leases.c.job_id == job_id, leases.c.owner == owner)
+            .values(expires_at=time.time() + lease)
+        )
+        with self.transaction() as conn:
+            return bool(conn.execute(query).rowcount)
+
+    def set_progress(self, job_id: str, owner: str, progress: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.job_id == job_id, jobs.c.status == PROCESSING, self._held_by(owner, job_id))
+                .values(progress=progress)
+            )
+
+    @staticmethod
+    def _held_by(owner: str, job_id: str) -> Any:
+        return select(leases.c.job_id).where(leases.c.job_id == job_id, leases.c.owner == owner).exists()
+
+    def complete(self, job_id: str, owner: str, output: Any) -> bool:
+        """Mark the job completed with ``output``; False if ``owner`` no longer held it."""
+        values = {
+            "status": COMPLETED,
+            "progress": 100,
+            "task_output": json.dumps(output),
+            "error_message": None,
+            "completed_at": now_ms(),
+        }
+        return self._finish(job_id, owner, values)
+
+    def fail(self, job_id: str, message: str, owner: str | None = None) -> bool:
+        """Mark the job ``error`` with ``message`` (any holder when ``owner`` is None)."""
+        return self._finish(
+            job_id, owner, {"status": ERROR, "error_message": message, "completed_at": now_ms()}
+        )
+
+    def _finish(self, job_id: str, owner: str | None, values: dict[str, Any]) -> bool:
+        condition = [jobs.c.job_id == job_id, jobs.c.status.in_((QUEUED, PROCESSING))]
+        if owner is not None:
+            condition.append(self._held_by(owner, job_id))
+        with self.transaction() as conn:
+            changed = conn.execute(update(jobs).where(*condition).values(**values)).rowcount
+            if changed:
+                conn.execute(delete(leases).where(leases.c.job_id == job_id))
+                conn.execute(delete(intake).where(intake.c.job_id == job_id))
+        return bool(changed)
+
+
+_store: JobStore | None = None
+
+
+def job_store() -> JobStore:
+    """The process's :class:`JobStore` on ``DATABASE_URL``."""
+    global _store  # noqa: PLW0603 - one store per process, made on first use
+    if _store is None:
+        from cl_tasks.settings import current
+
+        _store = JobStore(current().database_url)
+    return _store

@@ -1,0 +1,172 @@
+"""Runner subprocesses of compute modules and the protocol they speak.
+
+Protocol (one JSON object per line, UTF-8):
+
+* **in** (the worker writes to the runner's stdin), one line per job::
+
+      {"job_id": "…", "task_type": "image_resize", "params": {…}, "root": "/abs/CL_SERVER_DIR"}
+
+  Paths in ``params`` are already absolute and checked to be inside ``root``.
+* **out** (the runner writes to stdout), any number of progress lines, then
+  exactly one result or error line for the job::
+
+      {"job_id": "…", "event": "progress", "progress": 50.0}
+      {"job_id": "…", "event": "result", "output": {…}}
+      {"job_id": "…", "event": "error", "message": "what went wrong, for the user"}
+
+* **stderr** is the runner's log; it is forwarded to the worker's log.
+* The runner serves jobs until its stdin closes. It is kept warm: one per
+  module per worker process, so a job costs the work, not a Python start-up.
+
+Runners start without a shell, in their own session (so a time limit or a
+revoke stops the whole process group), with a minimal environment (no broker,
+database or MQTT credentials), and die with the worker process that started
+them (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from cl_tasks.modules import Module
+
+logger = logging.getLogger(__name__)
+
+#: Lines of a runner's stderr kept to explain a crash.
+STDERR_TAIL_LINES = 20
+#: Environment variables passed through to runners (nothing else is).
+PASSED_ENV = ("LANG", "LC_ALL", "TZ", "TMPDIR")
+PR_SET_PDEATHSIG = 1
+
+
+class JobError(Exception):
+    """A job failed; the message is what the user sees in ``jobs.error_message``."""
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Runner:
+    """One warm runner subprocess of one module."""
+
+    def __init__(self, module: Module, python: Path, root: Path) -> None:
+        self.module = module
+        env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+        env.update(PATH=f"{python.parent}:/usr/bin:/bin", HOME=str(module.path), PYTHONUNBUFFERED="1")
+        env["CL_SERVER_DIR"] = str(root)
+        self.root = root
+        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.process = subprocess.Popen(
+            [str(python), str(module.runner)],
+            cwd=module.path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads touch state between fork and exec
+        )
+        assert self.process.stderr is not None
+        threading.Thread(target=self._forward_log, args=(self.process.stderr,), daemon=True).start()
+
+    def _forward_log(self, stream: IO[str]) -> None:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            self._stderr_tail.append(line)
+            logger.info("[%s runner] %s", self.module.name, line)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def run(
+        self, job_id: str, task_type: str, params: dict[str, Any], on_progress: Callable[[float], None]
+    ) -> Any:
+        """Run one job; returns its output or raises :class:`JobError`."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        spec = {"job_id": job_id, "task_type": task_type, "params": params, "root": str(self.root)}
+        try:
+            self.process.stdin.write(json.dumps(spec) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self._crashed() from None
+        for line in self.process.stdout:
+            reply = self._parse(line)
+            event = reply.get("event")
+            if event == "progress":
+                on_progress(float(reply.get("progress", 0.0)))
+            elif event == "result":
+                return reply.get("output")
+            elif event == "error":
+                raise JobError(str(reply.get("message") or "the runner reported an error without a message"))
+            else:
+                self.kill()
+                raise JobError(
+                    f"runner of module {self.module.name} sent an unknown event: {line.strip()[:200]}"
+                )
+        raise self._crashed()
+
+    def _parse(self, line: str) -> dict[str, Any]:
+        try:
+            reply = json.loads(line)
+            if not isinstance(reply, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self.kill()
+            raise JobError(
+                f"runner of module {self.module.name} printed a line that is not protocol JSON:"
+                f" {line.strip()[:200]!r}"
+            ) from None
+        return reply
+
+    def _crashed(self) -> JobError:
+        code = self.process.wait(timeout=10)
+        tail = " | ".join(list(self._stderr_tail)[-5:])
+        return JobError(f"runner of module {self.module.name} exited with code {code} mid-job: {tail}")
+
+    def kill(self) -> None:
+        """Stop the runner and everything it started (its whole process group)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+class RunnerPool:
+    """Warm runners of this process, one per module (made again after a fork)."""
+
+    def __init__(self) -> None:
+        self._runners: dict[str, Runner] = {}
+        self._pid = os.getpid()
+
+    def get(self, module: Module, python: Path, root: Path) -> Runner:
+        if self._pid != os.getpid():
+            self._runners = {}
+            self._pid = os.getpid()
+        runner = self._runners.get(module.name)
+        if runner is None or not runner.alive():
+            runner = self._runners[module.name] = Runner(module, python, root)
+        return runner
+
+    def discard(self, module: Module) -> None:
+        runner = self._runners.pop(module.name, None)
+        if runner is not None:
+            runner.kill()
+
+    def close(self) -> None:
+        for name in list(self._runners):
+            self._runners.pop(name).kill()

@@ -1,0 +1,129 @@
+"""Celery signal handlers: jobs rows for submitted tasks, intake, ends of stopped jobs.
+
+Handlers that only report (logging, events) catch, log and return; the ones
+that keep the ``jobs`` row right let errors propagate where Celery expects it
+(``before_task_publish``: a submit whose row cannot be written fails loudly).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from celery import signals
+from celery.utils.dispatch import Signal
+
+from cl_tasks.app import app
+from cl_tasks.intake import Intake
+from cl_tasks.jobs import job_store
+from cl_tasks.modules import ModuleError, venv_python
+from cl_tasks.settings import current
+from cl_tasks.tasks import compute_modules, is_compute, register
+
+logger = logging.getLogger(__name__)
+
+#: Sent in the process running a job whenever its progress is recorded.
+job_progress = Signal(name="job_progress", providing_args={"job_id", "progress"})
+
+_intake: Intake | None = None
+
+
+@signals.before_task_publish.connect
+def create_job_row(
+    sender: str | None = None, headers: Any = None, body: Any = None, properties: Any = None, **_: Any
+) -> None:
+    """``.delay``/``send_task``/``submit_job`` of a compute task creates its ``jobs`` row."""
+    if not sender or not is_compute(sender) or not headers:
+        return
+    kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
+    priority = (properties or {}).get("priority")
+    job_store().create(headers["id"], sender, dict(kwargs or {}), priority=priority)
+
+
+@signals.after_task_publish.connect
+def mark_published(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+    if sender and headers and is_compute(sender):
+        job_store().mark_published(headers["id"])
+
+
+@signals.worker_init.connect
+def register_discovered_tasks(**_: Any) -> None:
+    """Every discovered task type becomes a task before the worker consumes."""
+    for task_type in compute_modules():
+        register(task_type)
+
+
+@signals.celeryd_after_setup.connect
+def prepare_modules(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Build the venvs of the modules this worker consumes; skip the ones that fail.
+
+    A skipped module's queues are not consumed here, so its jobs wait (queued)
+    for a worker that can run them.
+    """
+    if instance is None:
+        return
+    queues = instance.app.amqp.queues
+    consumed = set(queues.consume_from or queues)
+    settings = current()
+    failures: dict[str, str | None] = {}
+    for task_type, module in sorted(compute_modules().items()):
+        if task_type not in consumed:
+            continue
+        if module.name not in failures:
+            try:
+                venv_python(settings.venv_dir, module)
+                failures[module.name] = None
+            except ModuleError as exc:
+                failures[module.name] = str(exc)
+                logger.error("%s; module %s skipped", exc, module.name)
+        if failures[module.name] is not None:
+            logger.error("task type %s (module %s) is not consumed by this worker", task_type, module.name)
+            queues.deselect(task_type)
+
+
+def _consumed_task_types(consumer: Any) -> set[str]:
+    queues = {queue.name for queue in consumer.task_consumer.queues} if consumer.task_consumer else set()
+    return queues & set(compute_modules())
+
+
+@signals.worker_ready.connect
+def start_intake(sender: Any = None, **_: Any) -> None:
+    global _intake  # noqa: PLW0603 - one intake thread per worker
+    consumer = sender
+    _intake = Intake(app, job_store(), current(), lambda: _consumed_task_types(consumer))
+    _intake.start()
+    logger.info("intake started for %s", sorted(_consumed_task_types(consumer)))
+
+
+@signals.worker_shutting_down.connect
+def stop_intake(**_: Any) -> None:
+    if _intake is not None:
+        _intake.stop()
+
+
+@signals.task_revoked.connect
+def fail_revoked_job(
+    request: Any = None, terminated: bool = False, signum: Any = None, expired: bool = False, **_: Any
+) -> None:
+    """A revoked compute job ends ``error`` saying why (its runner died with its process)."""
+    if request is None or not is_compute(getattr(request, "task", "") or ""):
+        return
+    if terminated:
+        name = signal.Signals(int(signum)).name if signum else "a signal"
+        reason = f"revoked: terminated with {name} while running"
+    elif expired:
+        reason = "revoked: its expiry time passed before it ran"
+    else:
+        reason = "revoked before it ran"
+    job_store().fail(request.id, reason)
+
+
+@signals.task_failure.connect
+def fail_job_on_failure(
+    sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any
+) -> None:
+    """Failures the task could not record itself (hard time limit, lost worker process)."""
+    if sender is None or task_id is None or not is_compute(getattr(sender, "name", "")):
+        return
+    job_store().fail(task_id, f"{type(exception).__name__}: {exception}")

@@ -1,0 +1,203 @@
+"""The compute tasks: claim the ``jobs`` row, run the module's runner, record the end.
+
+A compute task's name is its task type and it is routed to the queue of the
+same name (``celery worker -Q image_resize`` consumes only those). It takes
+the job's ``params`` as keyword arguments and returns its ``task_output``::
+
+    image_resize.delay(input_paths=["a.jpg"], output_paths=["out/a.jpg"], width=64, height=64)
+    app.send_task("image_resize", kwargs={...})
+    submit_job("image_resize", {...}, priority=5)
+
+Each creates the ``jobs`` row too (job_id = task id; see ``cl_tasks.signals``).
+A delivery of a job that already ended is dropped; one whose job another live
+worker holds is retried when that worker's lease would run out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from functools import cache
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.result import AsyncResult
+
+from cl_tasks.app import app
+from cl_tasks.jobs import JobStore, job_store
+from cl_tasks.modules import Module, ModuleError, discover, venv_python
+from cl_tasks.paths import confine
+from cl_tasks.runner import JobError, RunnerPool
+from cl_tasks.settings import current
+
+#: Seconds between progress writes to the database and the result backend.
+PROGRESS_EVERY = 0.5
+#: Highest Celery priority (the SQLite broker and RabbitMQ queues use 0-9).
+MAX_PRIORITY = 9
+
+_runners = RunnerPool()
+
+
+@cache
+def compute_modules() -> dict[str, Module]:
+    """Task type -> module, discovered once per process."""
+    settings = current()
+    return discover(settings.modules_dir, settings.supported_tasks)
+
+
+class ComputeTask(Task):  # type: ignore[misc]
+    """Base of every compute task."""
+
+    typing = False
+    acks_late = True
+    reject_on_worker_lost = True
+
+
+def _compute(self: ComputeTask, *args: Any, **params: Any) -> Any:
+    if args:
+        raise JobError(f"{self.name} takes keyword arguments (the job's params), not positional ones")
+    return execute(self, params)
+
+
+def register(task_type: str) -> ComputeTask:
+    """The compute task of ``task_type`` (registered on first call)."""
+    existing = app.tasks.get(task_type)
+    if isinstance(existing, ComputeTask):
+        return existing
+    task: ComputeTask = app.task(name=task_type, base=ComputeTask, bind=True)(_compute)
+    return task
+
+
+def route(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+) -> dict[str, Any] | None:
+    """Celery router: a compute task goes to the queue named after its task type."""
+    if isinstance(task, ComputeTask) or isinstance(app.tasks.get(name), ComputeTask):
+        return {"queue": name}
+    if name in compute_modules():
+        return {"queue": name}
+    return None
+
+
+def is_compute(name: str) -> bool:
+    return isinstance(app.tasks.get(name), ComputeTask) or name in compute_modules()
+
+
+image_resize = register("image_resize")
+image_conversion = register("image_conversion")
+
+
+def submit_job(task_type: str, params: dict[str, Any], priority: int | None = None) -> AsyncResult:
+    """Submit a job like the API service does, through Celery; returns its AsyncResult.
+
+    ``priority`` is 0 (lowest) to 9 (highest).
+    """
+    if not isinstance(params, dict):
+        raise TypeError("params must be a dict of the job's parameters")
+    if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be from 0 to {MAX_PRIORITY}, got {priority}")
+    return app.send_task(task_type, kwargs=params, queue=task_type, priority=priority)
+
+
+class _Lease:
+    """Renews a job's lease from a thread while the runner works."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, lease: float) -> None:
+        self._args = (job_id, owner, lease)
+        self._store = store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{job_id}")
+
+    def _renew(self) -> None:
+        job_id, owner, lease = self._args
+        while not self._stop.wait(lease / 3):
+            try:
+                self._store.renew(job_id, owner, lease)
+            except Exception:  # a missed renewal is retried; the lease is three times longer
+                continue
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+
+
+class _Progress:
+    """Throttled progress: jobs.progress, Celery state PROGRESS and a task-progress event."""
+
+    def __init__(self, task: ComputeTask, store: JobStore, owner: str) -> None:
+        self._task, self._store, self._owner = task, store, owner
+        self._last_sent = 0.0
+        self._last_value = -1.0
+
+    def __call__(self, progress: float) -> None:
+        progress = max(0.0, min(100.0, progress))
+        now = time.monotonic()
+        if progress <= self._last_value or (now - self._last_sent < PROGRESS_EVERY and progress < 100.0):
+            return
+        self._last_sent, self._last_value = now, progress
+        job_id = self._task.request.id
+        self._store.set_progress(job_id, self._owner, int(progress))
+        self._task.update_state(state="PROGRESS", meta={"job_id": job_id, "progress": progress})
+        self._task.send_event("task-progress", progress=progress)
+        from cl_tasks import signals
+
+        signals.job_progress.send(sender=self._task.name, job_id=job_id, progress=progress)
+
+
+def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
+    """Run one job to ``completed`` or ``error`` (raising :class:`JobError` for the latter)."""
+    settings = current()
+    store = job_store()
+    job_id = task.request.id
+    owner = f"{task.request.hostname}:{os.getpid()}:{job_id}"
+    claim = store.claim(job_id, owner, settings.job_lease)
+    if claim.outcome == "missing":
+        store.create(job_id, task.name, params)
+        claim = store.claim(job_id, owner, settings.job_lease)
+    if claim.outcome == "done":
+        raise Ignore()
+    if claim.outcome == "busy":
+        raise task.retry(countdown=claim.retry_in + 0.5, max_retries=None)
+    with _Lease(store, job_id, owner, settings.job_lease):
+        try:
+            output = _run(task, params, owner)
+        except SoftTimeLimitExceeded:
+            message = f"stopped: the soft time limit of {task.request.timelimit[1]} s was exceeded"
+            store.fail(job_id, message, owner)
+            raise JobError(message) from None
+        except JobError as exc:
+            store.fail(job_id, str(exc), owner)
+            raise
+        except Exception as exc:
+            store.fail(job_id, f"internal error in the worker: {exc!r}", owner)
+            raise
+    store.complete(job_id, owner, output)
+    return output
+
+
+def _run(task: ComputeTask, params: dict[str, Any], owner: str) -> Any:
+    settings = current()
+    module = compute_modules().get(task.name)
+    if module is None:
+        raise JobError(f"no compute module for task type {task.name} on this worker")
+    confined = confine(params, settings.server_dir)
+    try:
+        python = venv_python(settings.venv_dir, module)
+    except ModuleError as exc:
+        raise JobError(str(exc)) from exc
+    runner = _runners.get(module, python, settings.server_dir)
+    try:
+        return runner.run(task.request.id, task.name, confined, _Progress(task, job_store(), owner))
+    except JobError:
+        if not runner.alive():
+            _runners.discard(module)
+        raise
+    except BaseException:
+        # Interrupted mid-job (time limit, shutdown): stop the runner's whole process group.
+        _runners.discard(module)
+        raise

@@ -1,0 +1,214 @@
+"""Runner of the image_tools compute module: image_resize and image_conversion.
+
+Speaks the cl_tasks runner protocol (see cl_tasks/runner.py): job specs as JSON
+lines on stdin; progress, result or error as JSON lines on stdout; logs on
+stderr. Imports only the standard library and Pillow.
+
+image_resize
+    input_paths, output_paths (same length, unique), width, height (pixels,
+    1..20000), maintain_aspect_ratio (default false: exactly width x height;
+    true: fit inside, aspect kept). Lanczos. Output:
+    {"processed_files": [...], "dimensions": {"width", "height"}} where
+    dimensions are those of the first output image.
+image_conversion
+    input_paths, output_paths, format (png, jpg, jpeg, webp, gif, bmp, tiff),
+    quality (1..100, default 85; used for jpg/jpeg/webp). RGBA/LA/P images are
+    flattened onto white for JPEG. Output: {"processed_files", "format", "quality"}.
+
+Images above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) are
+refused. Output folders are created.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+#: Largest width or height a job may ask for, in pixels.
+MAX_SIDE = 20000
+FORMATS = {
+    "png": "PNG",
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "webp": "WEBP",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+}
+RESIZE_PARAMS = {"input_paths", "output_paths", "width", "height", "maintain_aspect_ratio"}
+CONVERSION_PARAMS = {"input_paths", "output_paths", "format", "quality"}
+
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class JobFailed(Exception):
+    """The job cannot be done; the message is for the user."""
+
+
+def emit(**message: Any) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def check_known(params: dict[str, Any], known: set[str], task_type: str) -> None:
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise JobFailed(f"unknown parameter {unknown[0]!r} for {task_type}; expected {sorted(known)}")
+
+
+def paths(params: dict[str, Any]) -> list[tuple[str, str]]:
+    inputs, outputs = params.get("input_paths"), params.get("output_paths")
+    for name, value in (("input_paths", inputs), ("output_paths", outputs)):
+        if value is None:
+            raise JobFailed(f"missing parameter {name}")
+        if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+            raise JobFailed(f"parameter {name} must be a non-empty list of paths")
+    assert isinstance(inputs, list) and isinstance(outputs, list)
+    if len(inputs) != len(outputs):
+        raise JobFailed(f"input_paths has {len(inputs)} paths but output_paths has {len(outputs)}")
+    if len(set(outputs)) != len(outputs):
+        raise JobFailed("output_paths must be unique")
+    return list(zip(inputs, outputs, strict=True))
+
+
+def integer(params: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> int:
+    value = params.get(name, default)
+    if value is None:
+        raise JobFailed(f"missing parameter {name}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise JobFailed(f"parameter {name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise JobFailed(f"input image {path} does not exist") from None
+    except PermissionError:
+        raise JobFailed(f"input image {path} is not readable") from None
+    except IsADirectoryError:
+        raise JobFailed(f"input image {path} is a folder, not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise JobFailed(
+            f"input image {path} is too large: {exc} (limit {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise JobFailed(f"input image {path} is not a readable image: {exc}") from None
+    return image
+
+
+def save(image: Image.Image, path: str, fmt: str, **options: Any) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, format=fmt, **options)
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobFailed(f"cannot write {path} as {fmt}: {exc}") from None
+
+
+def format_of(path: str) -> str:
+    fmt = FORMATS.get(Path(path).suffix.lower().lstrip("."))
+    if fmt is None:
+        raise JobFailed(f"output path {path} has an unsupported extension; use one of {sorted(FORMATS)}")
+    return fmt
+
+
+def image_resize(job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    check_known(params, RESIZE_PARAMS, "image_resize")
+    pairs = paths(params)
+    width = integer(params, "width", 1, MAX_SIDE)
+    height = integer(params, "height", 1, MAX_SIDE)
+    keep_aspect = params.get("maintain_aspect_ratio", False)
+    if not isinstance(keep_aspect, bool):
+        raise JobFailed(f"parameter maintain_aspect_ratio must be true or false, got {keep_aspect!r}")
+    sizes = []
+    for done, (source, target) in enumerate(pairs, start=1):
+        fmt = format_of(target)
+        image = open_image(source)
+        size = (width, height)
+        if keep_aspect:
+            scale = min(width / image.width, height / image.height)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resized = image.resize(size, Image.Resampling.LANCZOS)
+        if fmt == "JPEG" and resized.mode not in ("RGB", "L"):
+            resized = flatten(resized)
+        save(resized, target, fmt)
+        sizes.append(size)
+        emit(job_id=job_id, event="progress", progress=100.0 * done / len(pairs))
+    return {
+        "processed_files": [target for _, target in pairs],
+        "dimensions": {"width": sizes[0][0], "height": sizes[0][1]},
+    }
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGBA/LA/P onto a white background, as RGB (JPEG has no alpha)."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def image_conversion(job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    check_known(params, CONVERSION_PARAMS, "image_conversion")
+    pairs = paths(params)
+    name = params.get("format")
+    if name is None:
+        raise JobFailed("missing parameter format")
+    if not isinstance(name, str) or name.lower() not in FORMATS:
+        raise JobFailed(f"parameter format must be one of {sorted(FORMATS)}, got {name!r}")
+    name = name.lower()
+    quality = integer(params, "quality", 1, 100, default=85)
+    fmt = FORMATS[name]
+    for done, (source, target) in enumerate(pairs, start=1):
+        image = open_image(source)
+        options: dict[str, Any] = {}
+        if fmt == "JPEG":
+            image = image if image.mode in ("RGB", "L") else flatten(image)
+            options["quality"] = quality
+        elif fmt == "WEBP":
+            options["quality"] = quality
+        elif fmt == "BMP" and image.mode not in ("RGB", "L", "P", "1"):
+            image = image.convert("RGBA")
+        save(image, target, fmt, **options)
+        emit(job_id=job_id, event="progress", progress=100.0 * done / len(pairs))
+    return {"processed_files": [target for _, target in pairs], "format": name, "quality": quality}
+
+
+TASKS = {"image_resize": image_resize, "image_conversion": image_conversion}
+
+
+def serve(line: str) -> None:
+    spec = json.loads(line)
+    job_id = spec.get("job_id", "")
+    try:
+        task = TASKS.get(spec.get("task_type"))
+        if task is None:
+            raise JobFailed(f"image_tools does not run task type {spec.get('task_type')!r}")
+        params = spec.get("params")
+        if not isinstance(params, dict):
+            raise JobFailed("params must be a JSON object")
+        emit(job_id=job_id, event="result", output=task(job_id, params))
+    except JobFailed as exc:
+        emit(job_id=job_id, event="error", message=str(exc))
+    except Exception as exc:  # a bug here must not take the warm runner down
+        print(f"job {job_id} failed unexpectedly: {exc!r}", file=sys.stderr)
+        emit(job_id=job_id, event="error", message=f"image_tools failed unexpectedly: {exc!r}")
+
+
+def main() -> None:
+    print("image_tools runner ready", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            serve(line)
+
+
+if __name__ == "__main__":
+    main()
