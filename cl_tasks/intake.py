@@ -77,7 +77,8 @@ class Intake(threading.Thread):
         if self._watch is None:
             self._stopped.wait(timeout)
         else:
-            self._watch.wait(timeout)
+            if self._watch.wait(timeout) == "interrupt":
+                self._stopped.wait(timeout)
             time.sleep(MIN_SCAN_GAP)
 
     def scan(self, *, after_id: int) -> int:

@@ -40,7 +40,6 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    column,
     create_engine,
     delete,
     event,
@@ -69,6 +68,8 @@ jobs = Table(
     Column("retry_count", Integer, server_default="0"),
     Column("max_retries", Integer, server_default="3"),
     Column("created_by", Text),
+    # Optional: used when the table has it (the API's may not); 0-9, higher first.
+    Column("priority", Integer),
     Index("ix_jobs_status", "status"),
 )
 leases = Table(
@@ -212,9 +213,8 @@ class JobStore:
                 yield conn
 
     def _select_jobs(self) -> Any:
-        columns: list[Any] = [jobs.c[name] for name in Job.__dataclass_fields__ if name != "priority"]
-        if self.has_priority:
-            columns.append(column("priority", Integer))
+        names = [name for name in Job.__dataclass_fields__ if name != "priority" or self.has_priority]
+        columns: list[Any] = [jobs.c[name] for name in names]
         return select(*columns).select_from(jobs)
 
     @staticmethod

@@ -1,8 +1,8 @@
 """Celery signal handlers: jobs rows for submitted tasks, intake, ends of stopped jobs.
 
-Handlers that only report (logging, events) catch, log and return; the ones
-that keep the ``jobs`` row right let errors propagate where Celery expects it
-(``before_task_publish``: a submit whose row cannot be written fails loudly).
+Celery logs and swallows a handler's exception, so none of these can fail a
+publish or a task. Nothing is lost by it: when the row of a submitted job
+could not be written at publish time, the worker creates it when the job runs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from cl_tasks.jobs import job_store
 from cl_tasks.modules import ModuleError, venv_python
 from cl_tasks.settings import current
 from cl_tasks.tasks import compute_modules, is_compute, register
+from transports.wakeup import interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ def start_intake(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def stop_intake(**_: Any) -> None:
+    """Stop intake and wake the consumer now, so shutdown does not wait out a drain timeout."""
     if _intake is not None:
         _intake.stop()
+    interrupt()
 
 
 @signals.task_revoked.connect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -72,3 +73,191 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# -- compute jobs --------------------------------------------------------------
+
+TEST_MODULES = ROOT / "tests" / "compute_modules"
+#: Venvs of compute modules, kept between runs so Pillow is installed once per machine.
+TEST_VENVS = ROOT / ".venvs-test"
+
+API_SCHEMA = (
+    # What the cl_server API service creates: jobs (with an extra column) among other tables.
+    """CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL,
+       task_type TEXT NOT NULL, params TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL,
+       progress INTEGER NOT NULL DEFAULT 0, created_at BIGINT, started_at BIGINT,
+       completed_at BIGINT, task_output TEXT, error_message TEXT, retry_count INTEGER DEFAULT 0,
+       max_retries INTEGER DEFAULT 3, created_by TEXT, priority INTEGER DEFAULT 5)""",
+    "CREATE TABLE entities (id INTEGER PRIMARY KEY, label TEXT, file_path TEXT)",
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+    "INSERT INTO entities (label, file_path) VALUES ('cat', 'cat.jpg')",
+    "INSERT INTO users (name) VALUES ('admin')",
+)
+
+
+def make_api_database(path: Path) -> None:
+    """A media_store.db made the way the API service makes it (WAL, its own tables)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        for statement in API_SCHEMA:
+            conn.execute(statement)
+    conn.close()
+
+
+def insert_job(database: Path, job_id: str, task_type: str, params: object, **columns: object) -> None:
+    """INSERT a queued job row with plain SQL, as the API service does."""
+    import json
+    import sqlite3
+    import time
+
+    text = params if isinstance(params, str) else json.dumps(params)
+    values = {
+        "job_id": job_id,
+        "task_type": task_type,
+        "params": text,
+        "status": "queued",
+        "created_at": int(time.time() * 1000),
+        **columns,
+    }
+    conn = sqlite3.connect(database, timeout=60)
+    with conn:
+        conn.execute(
+            f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+            list(values.values()),
+        )
+    conn.close()
+
+
+def job_row(database: Path, job_id: str) -> dict[str, object]:
+    import sqlite3
+
+    conn = sqlite3.connect(database, timeout=60)
+    conn.row_factory = sqlite3.Row
+    row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    conn.close()
+    return dict(row) if row else {}
+
+
+def wait_for_job(database: Path, job_id: str, timeout: float = 120.0) -> dict[str, object]:
+    """Poll the row until it ends (completed or error)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = job_row(database, job_id)
+        if row.get("status") in ("completed", "error"):
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end within {timeout}s: {job_row(database, job_id)}")
+
+
+class Worker:
+    """A ``celery -A cl_tasks worker`` subprocess in its own process group."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        import subprocess
+
+        self.log = log
+        self.process = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "cl_tasks",
+                "worker",
+                "-l",
+                "info",
+                "--logfile",
+                str(log),
+                "--without-mingle",
+                "--without-gossip",
+                *args,
+            ],
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while "ready." not in self.text():
+            assert self.process.poll() is None, f"worker exited:\n{self.text()}"
+            assert time.monotonic() < deadline, f"worker not ready in {timeout}s:\n{self.text()}"
+            time.sleep(0.1)
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes, as a crash would."""
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def server_dir(tmp_path: Path) -> Path:
+    """CL_SERVER_DIR with a media_store.db made by the "API service"."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_api_database(folder / "media_store.db")
+    return folder
+
+
+@pytest.fixture
+def jobs_env(server_dir: Path) -> dict[str, str]:
+    """Environment of workers and clients on ``server_dir``."""
+    return subprocess_env(
+        CL_SERVER_DIR=str(server_dir),
+        COMPUTE_MODULES_DIR=str(TEST_MODULES),
+        COMPUTE_VENV_DIR=str(TEST_VENVS),
+        CELERY_BROKER_URL=f"sqlite:///{server_dir / 'media_store.db'}?visibility_timeout=4&polling_interval=0.5",
+        JOB_LEASE_SECONDS="3",
+        WORKER_POLL_INTERVAL="1",
+    )
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Factory of worker subprocesses, all stopped at the end of the test."""
+    started: list[Worker] = []
+
+    def start(env: dict[str, str], *args: str, name: str = "w1", ready: bool = True) -> Worker:
+        worker = Worker(env, tmp_path / f"{name}.log", "-n", f"{name}@%h", *args)
+        started.append(worker)
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def run_client(env: dict[str, str], script: str, timeout: float = 180) -> str:
+    """Run ``script`` in a fresh Python (a Celery client with this env); returns stdout."""
+    import subprocess
+
+    result = subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -579,7 +579,8 @@ class Transport(virtual.Transport):
                 if remaining <= 0:
                     raise TimeoutError()
                 wait = min(wait, remaining)
-            self._watch.wait(max(wait, 0.0))
+            if self._watch.wait(max(wait, 0.0)) == "interrupt":
+                raise TimeoutError("interrupted: the process is shutting down")
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version

@@ -9,16 +9,19 @@ timeout, and the caller's ``polling_interval`` becomes the wake-up latency.
 
 A wake-up only says "something may have changed": the caller confirms with
 ``PRAGMA data_version`` before it queries.
+
+:func:`interrupt` (safe in a signal handler) wakes every waiter of the process
+at once, so a worker asked to shut down does not sit out its drain timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import select
-import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,22 @@ def _load_inotify() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_inotify()
+_interrupt_pipe: tuple[int, int, int] | None = None  # (pid, read end, write end)
+
+
+def _interrupt_fd() -> int:
+    global _interrupt_pipe  # noqa: PLW0603 - one pipe per process
+    if _interrupt_pipe is None or _interrupt_pipe[0] != os.getpid():
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _interrupt_pipe = (os.getpid(), read_end, write_end)
+    return _interrupt_pipe[1]
+
+
+def interrupt() -> None:
+    """Wake every :meth:`CommitWatch.wait` of this process now (signal-handler safe)."""
+    if _interrupt_pipe is not None and _interrupt_pipe[0] == os.getpid():
+        with contextlib.suppress(BlockingIOError):
+            os.write(_interrupt_pipe[2], b"!")
 
 
 class CommitWatch:
@@ -84,16 +103,21 @@ class CommitWatch:
         except BlockingIOError:
             return
 
-    def wait(self, timeout: float) -> bool:
-        """Block until a commit may have happened or ``timeout`` seconds pass."""
+    def wait(self, timeout: float) -> str:
+        """Block until a commit may have happened, :func:`interrupt` or ``timeout``.
+
+        Returns ``"commit"``, ``"interrupt"`` or ``"timeout"``.
+        """
         self._ensure()
-        if self._fd < 0 or self._watch < 0:
-            time.sleep(timeout)
-            return False
-        readable, _, _ = select.select([self._fd], [], [], timeout)
+        interrupt_fd = _interrupt_fd()
+        watched = [interrupt_fd] if self._fd < 0 or self._watch < 0 else [self._fd, interrupt_fd]
+        readable, _, _ = select.select(watched, [], [], timeout)
+        if interrupt_fd in readable:
+            return "interrupt"
         if readable:
             self._rewatch_if_deleted()
-        return bool(readable)
+            return "commit"
+        return "timeout"
 
     def _rewatch_if_deleted(self) -> None:
         if not os.path.exists(self._wal):

@@ -3,7 +3,8 @@
 ledger_echo: appends the job id to params["ledger_path"], reports progress in
 ``steps`` steps ``seconds`` apart, returns {"echo": params.get("echo")}.
 misbehave: params["mode"] = "garbage" (prints a non-JSON line), "crash" (exits 3),
-"env" (returns the environment it got), "hang" (sleeps forever).
+"env" (returns the environment it got), "hang" (writes its pid to
+params["pid_path"], then sleeps forever).
 """
 
 import json
@@ -36,6 +37,8 @@ def misbehave(job_id, params):
         print("crashing on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
     if mode == "hang":
+        with open(params["pid_path"], "w") as out:
+            out.write(str(os.getpid()))
         time.sleep(3600)
     return {"env": dict(os.environ), "uid": os.getuid()}
 

@@ -1,0 +1,187 @@
+"""Compute modules: discovery, one venv each (built once, rebuilt on change), time limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cl_tasks.modules import discover, read_module
+from tests.conftest import PYTHON, TEST_MODULES, Worker, insert_job, run_client, subprocess_env, wait_for_job
+
+StartWorker = Callable[..., Worker]
+
+BUILD = """
+import logging, sys
+from pathlib import Path
+from cl_tasks.modules import read_module, venv_python
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+print(venv_python(Path(sys.argv[1]), read_module(Path(sys.argv[2]))))
+"""
+
+
+def build_concurrently(venvs: Path, module: Path, count: int) -> tuple[set[str], int]:
+    """Start ``count`` processes that each ask for the venv; returns their answers and builds."""
+    processes = [
+        subprocess.Popen(
+            [PYTHON, "-c", BUILD, str(venvs), str(module)],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    builds = sum(err.count("building the venv of compute module") for _, err in outputs)
+    return {out.strip() for out, _ in outputs}, builds
+
+
+def test_venv_is_built_once_under_concurrent_start_and_reused(tmp_path: Path) -> None:
+    module = tmp_path / "modules" / "ledger_tools"
+    shutil.copytree(TEST_MODULES / "ledger_tools", module)
+    venvs = tmp_path / "venvs"
+    # When four processes start together and all need the venv
+    pythons, builds = build_concurrently(venvs, module, 4)
+    # Then it was built once and all of them use it
+    assert builds == 1
+    assert pythons == {str(venvs / "ledger_tools" / "bin" / "python")}
+    assert oct(venvs.stat().st_mode & 0o777) == "0o700"
+    # And later starts reuse it
+    assert build_concurrently(venvs, module, 2)[1] == 0
+    # And a change to the module's pyproject.toml rebuilds it, once
+    pyproject = module / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('version = "0.1.0"', 'version = "0.2.0"'))
+    assert build_concurrently(venvs, module, 3)[1] == 1
+
+
+def test_discovery_reads_the_task_types_and_narrows(tmp_path: Path) -> None:
+    found = discover(TEST_MODULES)
+    assert {name: module.name for name, module in found.items()} == {
+        "image_resize": "image_tools",
+        "image_conversion": "image_tools",
+        "ledger_echo": "ledger_tools",
+        "misbehave": "ledger_tools",
+    }
+    assert set(discover(TEST_MODULES, {"image_resize", "ledger_echo"})) == {"image_resize", "ledger_echo"}
+    assert read_module(TEST_MODULES / "image_tools").dependencies == ("pillow>=10,<14",)
+
+
+def test_malformed_module_is_skipped_by_name(tmp_path: Path, caplog: object) -> None:
+    modules = tmp_path / "modules"
+    shutil.copytree(TEST_MODULES / "ledger_tools", modules / "ledger_tools")
+    (modules / "no_types").mkdir()
+    (modules / "no_types" / "pyproject.toml").write_text('[project]\nname = "no_types"\n')
+    assert set(discover(modules)) == {"ledger_echo", "misbehave"}
+    assert "compute module no_types: pyproject.toml needs [tool.cl_tasks] task_types" in str(
+        caplog.text  # type: ignore[attr-defined]
+    )
+
+
+def test_module_whose_venv_cannot_be_built_is_skipped_while_others_run(
+    tmp_path: Path, server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    # Given a module whose dependency cannot be installed, beside a good one
+    modules = tmp_path / "modules"
+    shutil.copytree(TEST_MODULES / "ledger_tools", modules / "ledger_tools")
+    broken = modules / "broken_tools"
+    broken.mkdir()
+    (broken / "runner.py").write_text("")
+    (broken / "pyproject.toml").write_text(
+        '[project]\nname = "broken_tools"\ndependencies = ["missing-dependency @ file:///nonexistent/pkg"]\n'
+        '[tool.cl_tasks]\ntask_types = ["broken_echo"]\n'
+    )
+    env = {**jobs_env, "COMPUTE_MODULES_DIR": str(modules), "COMPUTE_VENV_DIR": str(tmp_path / "venvs")}
+    database = server_dir / "media_store.db"
+    insert_job(database, "broken-job", "broken_echo", {})
+    insert_job(database, "good-job", "ledger_echo", {"ledger_path": "ledger.txt"})
+    # When a worker is started for both
+    worker = start_worker(env, "-Q", "broken_echo,ledger_echo", "-c", "1")
+    # Then the broken module is named in the log, its jobs wait, the others run
+    assert wait_for_job(database, "good-job")["status"] == "completed"
+    log = worker.text()
+    assert "compute module broken_tools: building its venv" in log
+    assert "task type broken_echo (module broken_tools) is not consumed by this worker" in log
+    time.sleep(1)
+    from tests.conftest import job_row
+
+    assert job_row(database, "broken-job")["status"] == "queued"
+
+
+def runner_gone(pid_file: Path, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pid_file.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_soft_time_limit_stops_the_runner_and_fails_the_row(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    job_id = run_client(
+        jobs_env,
+        (
+            "import cl_tasks\n"
+            "r = cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'},"
+            " soft_time_limit=1.5)\n"
+            "print(r.id)\n"
+        ),
+    ).strip()
+    row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
+    assert row["status"] == "error"
+    assert row["error_message"] == "stopped: the soft time limit of 1.5 s was exceeded"
+    assert runner_gone(server_dir / "hang.pid")
+
+
+def test_revoke_terminate_stops_the_runner_and_fails_the_row(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    script = (
+        "import time, cl_tasks, os\n"
+        "r = cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'})\n"
+        "pid = os.path.join(os.environ['CL_SERVER_DIR'], 'hang.pid')\n"
+        "while not os.path.exists(pid): time.sleep(0.05)\n"
+        "r.revoke(terminate=True)\n"
+        "print(r.id)\n"
+    )
+    job_id = run_client(jobs_env, script).strip()
+    row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
+    assert row["status"] == "error"
+    assert row["error_message"] == "revoked: terminated with SIGTERM while running"
+    assert runner_gone(server_dir / "hang.pid")
+
+
+def test_hard_time_limit_fails_the_row(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    job_id = run_client(
+        jobs_env,
+        (
+            "import cl_tasks\n"
+            "r = cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'},"
+            " time_limit=2)\n"
+            "print(r.id)\n"
+        ),
+    ).strip()
+    row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
+    assert row["status"] == "error"
+    assert "TimeLimitExceeded" in str(row["error_message"]), row
+    assert runner_gone(server_dir / "hang.pid")
+    assert json.loads(json.dumps(row))["progress"] == 0
