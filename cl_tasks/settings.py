@@ -17,13 +17,19 @@ Defaults (decided here, documented in the README):
 * ``WORKER_POLL_INTERVAL``: 5.0 s, the fallback intake poll (SQLite wakes on commits).
 * ``JOB_LEASE_SECONDS``: 30.0 s; a job whose worker stopped renewing it this long is
   taken over by another worker.
+* MQTT: ``BROADCAST_TYPE`` (``mqtt`` or ``noop``), ``MQTT_BROKER`` (``localhost``),
+  ``MQTT_PORT`` (1883, or 8883 with TLS), ``MQTT_TOPIC`` (``inference/events``),
+  ``CAPABILITY_TOPIC_PREFIX`` (``inference/workers``), ``MQTT_HEARTBEAT_INTERVAL``
+  (30 s), ``MQTT_USERNAME``/``MQTT_PASSWORD``, ``MQTT_USE_TLS`` (false) with
+  ``MQTT_CA_FILE`` (system CAs when unset), ``WORKER_ID`` (the Celery node name
+  when unset; one MQTT topic level: no ``/``, ``+`` or ``#``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Folder used when ``CL_SERVER_DIR`` is not set (relative to the working directory).
@@ -35,12 +41,30 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_POLL_INTERVAL = 5.0
 #: Seconds a job's claim lasts without renewal (renewed every third of it).
 DEFAULT_JOB_LEASE = 30.0
+#: Seconds between capability announcements of an unchanged worker.
+DEFAULT_HEARTBEAT = 30.0
 #: The compute modules shipped with this repository.
 BUNDLED_MODULES_DIR = Path(__file__).resolve().parent.parent / "compute_modules"
 
 
 class SettingsError(ValueError):
     """Raised when an environment variable has a value cl_tasks cannot use."""
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and how job events and worker capabilities are published."""
+
+    enabled: bool
+    host: str
+    port: int
+    events_topic: str
+    capability_prefix: str
+    heartbeat_interval: float
+    username: str | None
+    password: str | None = field(repr=False)
+    use_tls: bool
+    ca_file: str | None
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,8 @@ class Settings:
     supported_tasks: frozenset[str]
     poll_interval: float
     job_lease: float
+    mqtt: MqttSettings
+    worker_id: str | None
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -105,6 +131,60 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         supported_tasks=frozenset(name.strip() for name in supported.split(",") if name.strip()),
         poll_interval=_positive(env, "WORKER_POLL_INTERVAL", DEFAULT_POLL_INTERVAL),
         job_lease=_positive(env, "JOB_LEASE_SECONDS", DEFAULT_JOB_LEASE),
+        mqtt=_mqtt(env),
+        worker_id=_worker_id(env.get("WORKER_ID") or None),
+    )
+
+
+def check_topic_level(value: str, variable: str) -> str:
+    """``value`` if it can be one MQTT topic level, else :class:`SettingsError` naming ``variable``."""
+    if not value or any(char in value for char in "/+#\x00"):
+        raise SettingsError(
+            f"{variable}={value!r} must be one MQTT topic level: not empty, without '/', '+' or '#'"
+        )
+    return value
+
+
+def _worker_id(value: str | None) -> str | None:
+    return None if value is None else check_topic_level(value, "WORKER_ID")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "false").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be true or false")
+
+
+def _mqtt(env: Mapping[str, str]) -> MqttSettings:
+    kind = (env.get("BROADCAST_TYPE") or "mqtt").strip().lower()
+    if kind not in ("mqtt", "noop"):
+        raise SettingsError(f"BROADCAST_TYPE={kind!r} must be mqtt or noop")
+    use_tls = _flag(env, "MQTT_USE_TLS")
+    raw_port = env.get("MQTT_PORT") or ("8883" if use_tls else "1883")
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        raise SettingsError(f"MQTT_PORT={raw_port!r} must be a port number (1-65535)")
+    ca_file = env.get("MQTT_CA_FILE") or None
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise SettingsError(f"MQTT_CA_FILE={ca_file!r} is not a readable file")
+    events_topic = env.get("MQTT_TOPIC") or "inference/events"
+    prefix = (env.get("CAPABILITY_TOPIC_PREFIX") or "inference/workers").rstrip("/")
+    for name, topic in (("MQTT_TOPIC", events_topic), ("CAPABILITY_TOPIC_PREFIX", prefix)):
+        if any(char in topic for char in "+#"):
+            raise SettingsError(f"{name}={topic!r} must not contain the wildcards '+' or '#'")
+    return MqttSettings(
+        enabled=kind == "mqtt",
+        host=env.get("MQTT_BROKER") or "localhost",
+        port=int(raw_port),
+        events_topic=events_topic,
+        capability_prefix=prefix,
+        heartbeat_interval=_positive(env, "MQTT_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT),
+        username=env.get("MQTT_USERNAME") or None,
+        password=env.get("MQTT_PASSWORD") or None,
+        use_tls=use_tls,
+        ca_file=ca_file,
     )
 
 

@@ -12,20 +12,19 @@ import signal
 from typing import Any
 
 from celery import signals
-from celery.utils.dispatch import Signal
+from celery.worker import state as worker_state
 
+from cl_tasks import hooks
 from cl_tasks.app import app
 from cl_tasks.intake import Intake
 from cl_tasks.jobs import job_store
 from cl_tasks.modules import ModuleError, venv_python
-from cl_tasks.settings import current
+from cl_tasks.presence import Announcer
+from cl_tasks.settings import SettingsError, check_topic_level, current
 from cl_tasks.tasks import compute_modules, is_compute, register
 from transports.wakeup import interrupt
 
 logger = logging.getLogger(__name__)
-
-#: Sent in the process running a job whenever its progress is recorded.
-job_progress = Signal(name="job_progress", providing_args={"job_id", "progress"})
 
 _intake: Intake | None = None
 
@@ -83,18 +82,51 @@ def prepare_modules(sender: Any = None, instance: Any = None, **_: Any) -> None:
             queues.deselect(task_type)
 
 
-def _consumed_task_types(consumer: Any) -> set[str]:
-    queues = {queue.name for queue in consumer.task_consumer.queues} if consumer.task_consumer else set()
-    return queues & set(compute_modules())
+@signals.celeryd_after_setup.connect
+def check_worker_id(sender: str | None = None, **_: Any) -> None:
+    """The worker id is one MQTT topic level; refuse to start otherwise (naming the variable)."""
+    if current().worker_id is None and current().mqtt.enabled and sender:
+        try:
+            check_topic_level(sender, "the worker node name (-n/--hostname; or set WORKER_ID)")
+        except SettingsError as exc:
+            logger.critical("%s", exc)
+            raise SystemExit(1) from exc
+
+
+class _Worker:
+    """What the background threads need to know of the running worker's consumer."""
+
+    consumer: Any = None
+
+    def task_types(self) -> tuple[str, ...]:
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        queues = {queue.name for queue in task_consumer.queues} if task_consumer else set()
+        return tuple(sorted(queues & set(compute_modules())))
+
+    def idle_count(self) -> int:
+        pool = getattr(self.consumer, "pool", None)
+        concurrency = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
+        return int(concurrency) - len(worker_state.active_requests)
+
+
+_worker = _Worker()
+_announcer: Announcer | None = None
 
 
 @signals.worker_ready.connect
-def start_intake(sender: Any = None, **_: Any) -> None:
-    global _intake  # noqa: PLW0603 - one intake thread per worker
-    consumer = sender
-    _intake = Intake(app, job_store(), current(), lambda: _consumed_task_types(consumer))
-    _intake.start()
-    logger.info("intake started for %s", sorted(_consumed_task_types(consumer)))
+def start_background(sender: Any = None, **_: Any) -> None:
+    """Intake and capability announcements start once (worker_ready repeats on reconnect)."""
+    global _intake, _announcer  # noqa: PLW0603 - one of each per worker
+    _worker.consumer = sender
+    settings = current()
+    if _intake is None:
+        _intake = Intake(app, job_store(), settings, _worker.task_types)
+        _intake.start()
+        logger.info("intake started for %s", list(_worker.task_types()))
+    if _announcer is None and settings.mqtt.enabled:
+        worker_id = settings.worker_id or sender.hostname
+        _announcer = Announcer(settings.mqtt, worker_id, _worker.task_types, _worker.idle_count)
+        _announcer.start()
 
 
 @signals.worker_shutting_down.connect
@@ -103,6 +135,13 @@ def stop_intake(**_: Any) -> None:
     if _intake is not None:
         _intake.stop()
     interrupt()
+
+
+@signals.worker_shutdown.connect
+def clear_capabilities(**_: Any) -> None:
+    """A clean shutdown clears the retained capability message."""
+    if _announcer is not None:
+        _announcer.stop()
 
 
 @signals.task_revoked.connect
@@ -119,7 +158,12 @@ def fail_revoked_job(
         reason = "revoked: its expiry time passed before it ran"
     else:
         reason = "revoked before it ran"
-    job_store().fail(request.id, reason)
+    _fail(request.task, request.id, reason)
+
+
+def _fail(task_type: str, job_id: str, message: str) -> None:
+    if job_store().fail(job_id, message):
+        hooks.job_failed.send(sender=task_type, job_id=job_id, message=message)
 
 
 @signals.task_failure.connect
@@ -129,4 +173,4 @@ def fail_job_on_failure(
     """Failures the task could not record itself (hard time limit, lost worker process)."""
     if sender is None or task_id is None or not is_compute(getattr(sender, "name", "")):
         return
-    job_store().fail(task_id, f"{type(exception).__name__}: {exception}")
+    _fail(sender.name, task_id, f"{type(exception).__name__}: {exception}")

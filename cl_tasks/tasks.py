@@ -25,6 +25,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
+from cl_tasks import hooks
 from cl_tasks.app import app
 from cl_tasks.jobs import JobStore, job_store
 from cl_tasks.modules import Module, ModuleError, discover, venv_python
@@ -144,9 +145,7 @@ class _Progress:
         self._store.set_progress(job_id, self._owner, int(progress))
         self._task.update_state(state="PROGRESS", meta={"job_id": job_id, "progress": progress})
         self._task.send_event("task-progress", progress=progress)
-        from cl_tasks import signals
-
-        signals.job_progress.send(sender=self._task.name, job_id=job_id, progress=progress)
+        hooks.job_progress.send(sender=self._task.name, job_id=job_id, progress=progress)
 
 
 def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
@@ -163,21 +162,28 @@ def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
         raise Ignore()
     if claim.outcome == "busy":
         raise task.retry(countdown=claim.retry_in + 0.5, max_retries=None)
+    hooks.job_progress.send(sender=task.name, job_id=job_id, progress=0.0)
     with _Lease(store, job_id, owner, settings.job_lease):
         try:
             output = _run(task, params, owner)
         except SoftTimeLimitExceeded:
             message = f"stopped: the soft time limit of {task.request.timelimit[1]} s was exceeded"
-            store.fail(job_id, message, owner)
+            _fail(store, task, owner, message)
             raise JobError(message) from None
         except JobError as exc:
-            store.fail(job_id, str(exc), owner)
+            _fail(store, task, owner, str(exc))
             raise
         except Exception as exc:
-            store.fail(job_id, f"internal error in the worker: {exc!r}", owner)
+            _fail(store, task, owner, f"internal error in the worker: {exc!r}")
             raise
-    store.complete(job_id, owner, output)
+    if store.complete(job_id, owner, output):
+        hooks.job_completed.send(sender=task.name, job_id=job_id, output=output)
     return output
+
+
+def _fail(store: JobStore, task: ComputeTask, owner: str, message: str) -> None:
+    if store.fail(task.request.id, message, owner):
+        hooks.job_failed.send(sender=task.name, job_id=task.request.id, message=message)
 
 
 def _run(task: ComputeTask, params: dict[str, Any], owner: str) -> Any:
