@@ -1,9 +1,11 @@
 """The Celery app of cl_tasks (``celery -A cl_tasks``), configured from ``celeryconfig``.
 
-When the configuration is first read (not at import), ``CL_SERVER_DIR`` is
-created with owner-only rights if it is missing (and the database file, 0600), so the embedded default works
-on a fresh machine. A ``DATABASE_URL`` elsewhere is not created: a missing
-folder there is reported by the broker with the path and the fix.
+When a worker starts (not at import, and not in clients), ``CL_SERVER_DIR`` is
+created with owner-only rights if it is missing, and the SQLite database file
+with mode 0600, so the embedded default works on a fresh machine. A client
+(``.delay``, ``cl-tasks submit``) never creates them: on a missing folder the
+broker names the path and the fix. A ``DATABASE_URL`` outside
+``CL_SERVER_DIR`` is never created either.
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 import transports  # noqa: F401 - registers the ``sqlite://`` broker alias
+from cl_tasks import flower_support
 
 app = Celery("cl_tasks")
 app.config_from_object("celeryconfig")
 app.conf.task_routes = ("cl_tasks.tasks.route",)
+# Under `celery -A cl_tasks flower`, Flower is loaded before the app: teach it our broker.
+flower_support.install()
 
 
-@app.on_after_configure.connect  # type: ignore[untyped-decorator]
-def _make_server_dir(sender: Celery, **_: Any) -> None:
-    from cl_tasks.settings import load
+@signals.celeryd_init.connect
+def prepare_server_dir(**_: Any) -> None:
+    """Create ``CL_SERVER_DIR`` (0700) and the SQLite database (0600) when a worker starts."""
+    from cl_tasks.settings import current
 
-    settings = load()
+    settings = current()
     settings.server_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     database = settings.sqlite_path
     if database is not None and database.parent.is_dir() and not database.exists():

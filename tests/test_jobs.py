@@ -165,10 +165,12 @@ def test_a_job_of_a_killed_worker_is_finished_by_another(
     database = server_dir / "media_store.db"
     first = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1", name="first")
     insert_job(database, "long", "ledger_echo", {"ledger_path": "ledger.txt", "steps": 8, "seconds": 0.5})
+    ledger = server_dir / "ledger.txt"
     deadline = time.monotonic() + 60
-    while job_row(database, "long")["status"] != "processing":
+    while job_row(database, "long")["progress"] == 0 or not ledger.exists():
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert job_row(database, "long")["status"] == "processing"
     # When it is killed with SIGKILL, with another worker running
     first.kill()
     start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1", name="second")
@@ -188,9 +190,9 @@ def test_progress_reaches_the_row_and_the_celery_state(
         "db = sqlite3.connect(os.environ['CL_SERVER_DIR'] + '/media_store.db')\n"
         "seen = []\n"
         "while not r.ready():\n"
-        "    state = r.state\n"
-        "    if state == 'PROGRESS':\n"
-        "        seen.append((r.info['progress'], db.execute(\"SELECT progress FROM jobs WHERE job_id=?\","
+        "    meta = r.backend.get_task_meta(r.id)\n"
+        "    if meta['status'] == 'PROGRESS':\n"
+        "        seen.append((meta['result']['progress'], db.execute(\"SELECT progress FROM jobs WHERE job_id=?\","
         " (r.id,)).fetchone()[0]))\n"
         "    time.sleep(0.1)\n"
         "print(json.dumps(seen))\n"

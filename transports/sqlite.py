@@ -20,6 +20,8 @@ Features
 * Wake-up: an inotify watch on the ``-wal`` file plus ``PRAGMA data_version``
   notice other processes' commits within milliseconds; an idle consumer sleeps
   in ``select`` and costs nothing. ``polling_interval`` is only the fallback.
+* Asynchronous: the watch's descriptor joins Celery's event loop, so workers
+  run the non-blocking loop (and prefork's non-blocking pool) as on Redis.
 
 Connection string
 =================
@@ -524,7 +526,7 @@ class Transport(virtual.Transport):
     )
     channel_errors = (*virtual.Transport.channel_errors, sqlite3.IntegrityError)  # type: ignore[assignment]
     implements = virtual.Transport.implements.extend(
-        asynchronous=False,
+        asynchronous=True,
         exchange_type=frozenset(["direct", "topic", "fanout"]),
     )
 
@@ -581,6 +583,37 @@ class Transport(virtual.Transport):
                 wait = min(wait, remaining)
             if self._watch.wait(max(wait, 0.0)) == "interrupt":
                 raise TimeoutError("interrupted: the process is shutting down")
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Run inside Celery's event loop: deliver on every commit, poll as a fallback.
+
+        The commit watch's descriptor is a reader of the loop, so a worker
+        (prefork included, with its non-blocking pool) never blocks in the
+        transport and its remote-control queue is served while tasks run.
+        """
+        fileno = self._watch.fileno()
+        if fileno >= 0:
+            loop.add_reader(fileno, self.on_readable, fileno)
+        loop.call_repeatedly(self.polling_interval, self._deliver_ready, True)
+        loop.call_soon(self._deliver_ready, True)
+
+    def on_readable(self, fileno: int) -> None:
+        """The commit watch fired: deliver what became ready."""
+        self._watch.drain()
+        self._deliver_ready(False)
+
+    def _deliver_ready(self, force: bool) -> None:
+        seen = self.store.change_token()
+        if not force and seen == self._seen:
+            return
+        self._seen = seen
+        assert self.cycle is not None
+        # One round over the channels; our own claims commit, which wakes us again.
+        for _ in range(max(len(self.channels), 1)):
+            try:
+                self.cycle.get(self._deliver)
+            except Empty:
+                return
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version

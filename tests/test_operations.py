@@ -1,0 +1,314 @@
+"""Operating cl_tasks: Flower (API and a real browser), celery inspect/control, cl-tasks, start_worker.sh."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT, Worker, insert_job, run_client, wait_for_job
+from tests.mqtt_support import Subscriber, free_port, wait_port
+
+StartWorker = Callable[..., Worker]
+ARTIFACTS = ROOT / "test-artifacts"
+NODE = f"w1@{socket.gethostname()}"
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def flower(jobs_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """Flower on a free port (API without auth); yields its base URL."""
+    port = free_port()
+    log = (tmp_path / "flower.log").open("w")
+    process = subprocess.Popen(
+        [PYTHON, "-m", "celery", "-A", "cl_tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
+        env={**jobs_env, "FLOWER_UNAUTHENTICATED_API": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_port(port, timeout=60)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except OSError as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not met in {timeout}s; last: {last!r}")
+
+
+def submit(env: dict[str, str], task: str, params: dict[str, Any]) -> str:
+    script = f"import cl_tasks; print(cl_tasks.submit_job({task!r}, {params!r}).id)"
+    return run_client(env, script).strip()
+
+
+def test_flower_shows_workers_tasks_progress_and_queue_depth(
+    jobs_env: dict[str, str], flower: str, start_worker: StartWorker
+) -> None:
+    worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1")
+    # /api/workers lists our worker with its queue
+    workers = wait_until(lambda: get_json(f"{flower}/api/workers?refresh=1").get(NODE), what="worker listed")
+    assert [queue["name"] for queue in workers["active_queues"]] == ["ledger_echo"]
+    # A finished job shows as SUCCESS
+    done = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt"})
+    wait_until(
+        lambda: get_json(f"{flower}/api/tasks").get(done, {}).get("state") == "SUCCESS", what="SUCCESS"
+    )
+    # A running job shows PROGRESS with its progress; the others wait in the queue
+    running = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 40, "seconds": 0.5})
+    for _ in range(4):
+        submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 40, "seconds": 0.5})
+    task = wait_until(
+        lambda: (
+            (t := get_json(f"{flower}/api/tasks").get(running, {})).get("state") == "PROGRESS"
+            and 0 < (t.get("progress") or 0) < 100
+            and t
+        ),
+        what="PROGRESS with progress",
+    )
+    assert task["name"] == "ledger_echo" and task["worker"] == NODE
+    info = get_json(f"{flower}/api/task/info/{running}")
+    assert info["uuid"] == running and "ledger_path" in info["kwargs"]
+    # /api/queues/length shows the depth of the queue the test filled
+    queues = get_json(f"{flower}/api/queues/length")["active_queues"]
+    depth = {queue["name"]: queue["messages"] for queue in queues}
+    assert depth["ledger_echo"] >= 2, queues
+    # The browser views: dashboard and tasks page in headless Chromium, with screenshots
+    dashboard = browse(f"{flower}/", ARTIFACTS / "flower-dashboard.png")
+    assert NODE in dashboard
+    tasks_page = browse(f"{flower}/tasks", ARTIFACTS / "flower-tasks.png")
+    assert running in tasks_page or done in tasks_page
+    worker.kill()
+
+
+def browse(url: str, screenshot: Path) -> str:
+    """The DOM of ``url`` after its scripts ran, in headless Chromium; saves a screenshot."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is not installed (scripts/test.sh installs it)"
+    screenshot.parent.mkdir(exist_ok=True)
+    profile = screenshot.parent / f"chromium-profile-{uuid.uuid4().hex[:6]}"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=6000",
+        "--window-size=1400,900",
+    ]
+    try:
+        subprocess.run(
+            [chromium, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120
+        )
+        dom = subprocess.run(
+            [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert screenshot.exists() and screenshot.stat().st_size > 1000
+    return dom.stdout
+
+
+def celery(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [PYTHON, "-m", "celery", "-A", "cl_tasks", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_celery_inspect_status_control_and_purge(
+    jobs_env: dict[str, str], server_dir: Path, start_worker: StartWorker
+) -> None:
+    worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1", "--prefetch-multiplier", "3")
+    running = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 30, "seconds": 0.5})
+    eta = run_client(
+        jobs_env,
+        (
+            "import cl_tasks\n"
+            "print(cl_tasks.app.send_task('ledger_echo', kwargs={'ledger_path': 'l.txt'}, queue='ledger_echo',"
+            " countdown=120).id)\n"
+        ),
+    ).strip()
+    waiting = [submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt"}) for _ in range(2)]
+    wait_until(lambda: running in celery(jobs_env, "inspect", "active", "-t", "2"), what="active task")
+    assert running in celery(jobs_env, "inspect", "active", "-d", NODE, "-t", "3")
+    reserved = celery(jobs_env, "inspect", "reserved", "-t", "3")
+    assert any(job_id in reserved for job_id in waiting), reserved
+    assert eta in celery(jobs_env, "inspect", "scheduled", "-t", "3")
+    stats = celery(jobs_env, "inspect", "stats", "-t", "3")
+    assert NODE in stats and '"transport": "sqlite"' in stats
+    registered = celery(jobs_env, "inspect", "registered", "-t", "3")
+    assert "ledger_echo" in registered and "image_resize" in registered
+    assert "'name': 'ledger_echo'" in celery(jobs_env, "inspect", "active_queues", "-t", "3")
+    assert "1 node online" in celery(jobs_env, "status", "-t", "3")
+    added = celery(jobs_env, "control", "add_consumer", "misbehave", "-t", "3")
+    assert "add consumer misbehave" in added
+    assert "'name': 'misbehave'" in celery(jobs_env, "inspect", "active_queues", "-t", "3")
+    cancelled = celery(jobs_env, "control", "cancel_consumer", "misbehave", "-t", "3")
+    assert "no longer consuming from misbehave" in cancelled
+    for n in range(3):
+        insert_job(server_dir / "media_store.db", f"purge-{n}", "image_conversion", {})
+    run_client(jobs_env, "import cl_tasks\nfor n in range(3): cl_tasks.submit_job('image_conversion', {})\n")
+    purged = celery(jobs_env, "purge", "-f", "-Q", "image_conversion")
+    assert "Purged 3 messages" in purged
+    worker.kill()
+
+
+def cl_tasks_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "cl_tasks.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cl_tasks_submit_wait_jobs_job_queues(
+    jobs_env: dict[str, str], server_dir: Path, start_worker: StartWorker
+) -> None:
+    start_worker(jobs_env, "-Q", "ledger_echo,misbehave", "-c", "1")
+    done = cl_tasks_cli(
+        jobs_env,
+        "submit",
+        "ledger_echo",
+        "ledger_path=l.txt",
+        "steps=4",
+        "seconds=0.6",
+        'echo="hi"',
+        "--wait",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("job ") and "submitted (ledger_echo)" in lines[0]
+    progress = [int(line.split()[1].rstrip("%")) for line in lines if line.startswith("progress ")]
+    assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] == 100
+    assert json.loads("\n".join(lines[lines.index("{") :])) == {"echo": "hi"}
+    failed = cl_tasks_cli(jobs_env, "submit", "misbehave", "mode=crash", "--wait")
+    assert failed.returncode == 1 and "exited with code 3" in failed.stderr
+    insert_job(server_dir / "media_store.db", "waiting-1", "image_resize", {"width": 1})
+    listed = cl_tasks_cli(jobs_env, "jobs", "--limit", "10")
+    assert "JOB ID" in listed.stdout and "waiting-1" in listed.stdout and "completed" in listed.stdout
+    as_json = json.loads(cl_tasks_cli(jobs_env, "jobs", "--status", "queued", "--json").stdout)
+    assert [job["job_id"] for job in as_json] == ["waiting-1"]
+    one = json.loads(cl_tasks_cli(jobs_env, "job", "waiting-1", "--json").stdout)
+    assert one["params"] == {"width": 1} and one["status"] == "queued"
+    assert "task_type  image_resize" in cl_tasks_cli(jobs_env, "job", "waiting-1").stdout
+    queues = json.loads(cl_tasks_cli(jobs_env, "queues", "--json").stdout)
+    assert {"task_type": "image_resize", "messages": 0, "queued_jobs": 1} in queues
+    assert "QUEUED JOBS" in cl_tasks_cli(jobs_env, "queues").stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "image_teleport", "a=1"], "unknown task type 'image_teleport'; known: image_conversion"),
+        (["submit", "image_resize", "width"], "bad parameter 'width': write key=value, e.g. width=64"),
+        (["job", "no-such-job"], "no job 'no-such-job'; `cl-tasks jobs` lists them"),
+    ],
+)
+def test_cl_tasks_errors_are_one_line(jobs_env: dict[str, str], args: list[str], message: str) -> None:
+    result = cl_tasks_cli(jobs_env, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("cl-tasks: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cl_tasks_without_a_database(jobs_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**jobs_env, "CL_SERVER_DIR": str(tmp_path / "empty")}
+    for command in (["jobs"], ["queues"], ["job", "x"]):
+        result = cl_tasks_cli(env, *command)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"cl-tasks: error: no database at {tmp_path / 'empty' / 'media_store.db'}; start a worker"
+            " (scripts/worker.sh) or set CL_SERVER_DIR / DATABASE_URL"
+        )
+    assert not (tmp_path / "empty").exists()
+
+
+def test_every_command_has_complete_help(jobs_env: dict[str, str]) -> None:
+    top = cl_tasks_cli(jobs_env, "--help").stdout
+    for command in ("worker", "submit", "jobs", "job", "queues", "cleanup-mqtt"):
+        assert command in top
+        text = cl_tasks_cli(jobs_env, command, "--help").stdout
+        assert text.startswith(f"usage: cl-tasks {command}")
+    assert "--json" in cl_tasks_cli(jobs_env, "jobs", "--help").stdout
+    assert "--wait" in cl_tasks_cli(jobs_env, "submit", "--help").stdout
+
+
+def test_start_worker_sh_runs_a_job_and_announces_w1(
+    jobs_env: dict[str, str], server_dir: Path, tmp_path: Path
+) -> None:
+    prefix = f"cltest-{uuid.uuid4().hex[:8]}/workers"
+    env = {**jobs_env, "CAPABILITY_TOPIC_PREFIX": prefix, "MQTT_BROKER": "127.0.0.1"}
+    env.pop("WORKER_ID", None)
+    subscriber = Subscriber(f"{prefix}/#")
+    log = tmp_path / "start_worker.log"
+    worker = Worker.__new__(Worker)
+    worker.log = log
+    worker.process = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "start_worker.sh"),
+            "--worker-id",
+            "w1",
+            "--tasks",
+            "image_resize",
+            "--",
+            "-c",
+            "1",
+            "--logfile",
+            str(log),
+            "--without-mingle",
+        ],
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        worker.wait_ready()
+        insert_job(
+            server_dir / "media_store.db",
+            "via-script",
+            "image_resize",
+            {"input_paths": ["missing.png"], "output_paths": ["o.png"], "width": 2, "height": 2},
+        )
+        assert wait_for_job(server_dir / "media_store.db", "via-script")["status"] == "error"
+        found = subscriber.wait_for(lambda ms: any(m.topic == f"{prefix}/w1" and m.payload for m in ms))
+        announced = next(m.json() for m in found if m.payload)
+        assert announced["id"] == "w1" and announced["capabilities"] == ["image_resize"]
+    finally:
+        worker.stop()
+        subscriber.close()
+    bad = subprocess.run(
+        ["bash", str(ROOT / "start_worker.sh"), "--workers", "3"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2
+    assert "unknown option '--workers'" in bad.stderr
