@@ -593,11 +593,11 @@ class Transport(virtual.Transport):
         """
         fileno = self._watch.fileno()
         if fileno >= 0:
-            loop.add_reader(fileno, self.on_readable, fileno)
+            loop.add_reader(fileno, self._on_commit, fileno)
         loop.call_repeatedly(self.polling_interval, self._deliver_ready, True)
         loop.call_soon(self._deliver_ready, True)
 
-    def on_readable(self, fileno: int) -> None:
+    def _on_commit(self, fileno: int) -> None:
         """The commit watch fired: deliver what became ready."""
         self._watch.drain()
         self._deliver_ready(False)
