@@ -91,6 +91,7 @@ class Publisher:
         self._settings = settings
         self._on_connect = on_connect
         self._connected = threading.Event()
+        self._closing = False
         client_id = f"cl_tasks-{role}-{socket.gethostname()}-{os.getpid()}"
         self._client = _new_client(settings, client_id)
         if will_topic is not None:
@@ -126,7 +127,7 @@ class Publisher:
     def _disconnected_cb(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             logger.warning(
                 "MQTT connection to %s:%s lost (%s); reconnecting",
                 self._settings.host,
@@ -152,6 +153,7 @@ class Publisher:
                     info.wait_for_publish(FLUSH_TIMEOUT)
                 except (RuntimeError, ValueError):
                     logger.warning("MQTT: could not clear %s before disconnecting", clear_topic)
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
 

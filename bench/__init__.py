@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of cl_tasks against other Celery brokers (see README)."""
