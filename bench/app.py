@@ -37,8 +37,9 @@ def noop(sent: float = 0.0) -> None:
 
 
 @signals.task_prerun.connect
-def _record_start(task: object = None, args: object = None, kwargs: dict[str, float] | None = None,
-                  **_: object) -> None:
+def _record_start(
+    task: object = None, args: object = None, kwargs: dict[str, float] | None = None, **_: object
+) -> None:
     path = os.environ.get("BENCH_LOG")
     if not path:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,8 +54,12 @@ def contenders(workdir: Path) -> tuple[list[Contender], list[str]]:
         Contender(
             "kombu filesystem",
             "filesystem://",
-            {"data_folder_in": str(fs / "data"), "data_folder_out": str(fs / "data"),
-             "processed_folder": str(fs / "processed"), "store_processed": "False"},
+            {
+                "data_folder_in": str(fs / "data"),
+                "data_folder_out": str(fs / "data"),
+                "processed_folder": str(fs / "processed"),
+                "store_processed": "False",
+            },
             polls=True,
         ),
     ]
@@ -73,8 +78,13 @@ def contenders(workdir: Path) -> tuple[list[Contender], list[str]]:
 def client(contender: Contender, *args: str, timeout: float = 900) -> dict[str, float]:
     """Run ``python -m bench.client ARGS`` for ``contender``; returns its JSON answer."""
     result = subprocess.run(
-        [PYTHON, "-m", "bench.client", *args], env=contender.env(), capture_output=True, text=True,
-        timeout=timeout, cwd=ROOT,
+        [PYTHON, "-m", "bench.client", *args],
+        check=False,
+        env=contender.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     if result.returncode != 0:
         raise RuntimeError(f"bench client {args} on {contender.name} failed:\n{result.stderr[-2000:]}")
@@ -88,10 +98,29 @@ class BenchWorker:
     def __init__(self, contender: Contender, log: Path, workdir: Path, *pool: str) -> None:
         self.logfile = workdir / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "celery", "-A", "bench.app", "worker", "-l", "info", "--logfile", str(self.logfile),
-             "--without-mingle", "--without-gossip", "--without-heartbeat", "-Q", "celery", *pool],
-            env=contender.env(log), cwd=ROOT, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "bench.app",
+                "worker",
+                "-l",
+                "info",
+                "--logfile",
+                str(self.logfile),
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+                "-Q",
+                "celery",
+                *pool,
+            ],
+            env=contender.env(log),
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -106,10 +135,8 @@ class BenchWorker:
         return sum(_cpu_of(pid) for pid in _tree(self.process.pid))
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=30)
 
 
@@ -152,4 +179,4 @@ def wait_lines(log: Path, count: int, timeout: float) -> list[tuple[float, float
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
