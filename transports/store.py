@@ -156,6 +156,8 @@ DEFAULT_BUSY_TIMEOUT = 60.0
 DEFAULT_WAL_SIZE_LIMIT = 8 * 1024 * 1024
 #: Pages written to the WAL before SQLite checkpoints it automatically.
 WAL_AUTOCHECKPOINT_PAGES = 1000
+#: Writes of one process between two looks at the size of the ``-wal`` file.
+WAL_CHECK_EVERY = 100
 #: Seconds before consumed queues without ``x-expires`` are looked at again.
 QUEUE_EXPIRY_RECHECK = 60.0
 
@@ -244,6 +246,7 @@ class Store:
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
         self._wal_size_limit = wal_size_limit
+        self._wal_path = f"{path}-wal"
         self._local = threading.local()
         self._schema_pid = 0
         self._schema_lock = threading.Lock()
@@ -317,6 +320,33 @@ class Store:
             text = self._sql[statement] = statement.replace("{p}", self.prefix)
         return text
 
+    def _write(self, statement: str, params: Any) -> sqlite3.Cursor:
+        """One write statement as its own transaction.
+
+        A lone write statement takes the write lock before it reads anything
+        (its first opcode), so it is as safe as ``BEGIN IMMEDIATE`` and costs one
+        call instead of three. Results are fetched by the caller at once.
+        """
+        cursor = self.conn.execute(self.sql(statement), params)
+        self.local_writes += 1
+        if self.local_writes % WAL_CHECK_EVERY == 0:
+            self._bound_wal()
+        return cursor
+
+    def _bound_wal(self) -> None:
+        """Past ``wal_size_limit``, checkpoint with RESTART so the next writer starts over.
+
+        Passive auto-checkpoints cannot rewind the WAL while readers keep
+        arriving, so under constant load it would grow; RESTART waits (within
+        ``busy_timeout``) for the few-millisecond transactions in flight.
+        """
+        try:
+            size = os.stat(self._wal_path).st_size
+        except FileNotFoundError:
+            return
+        if size > self._wal_size_limit:
+            self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+
     def transaction(self, conn: sqlite3.Connection | None = None) -> _Transaction:
         """A ``BEGIN IMMEDIATE`` write transaction (never a deferred one, see DESIGN.md)."""
         return _Transaction(self, conn or self.conn)
@@ -348,8 +378,7 @@ class Store:
             "queue": routing_key,
         }
         statement = PUT if not exchange else ROUTE_BY_TYPE[self.exchange_type(exchange)]
-        with self.transaction() as conn:
-            return conn.execute(self.sql(statement), params).rowcount
+        return self._write(statement, params).rowcount
 
     def has_ready(self, queue: str) -> bool:
         """Cheap read-only check before taking the write lock to claim."""
@@ -364,8 +393,7 @@ class Store:
         """
         now = time.time()
         params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
-        with self.transaction() as conn:
-            rows = conn.execute(self.sql(CLAIM if owner else TAKE), params).fetchall()
+        rows = self._write(CLAIM if owner else TAKE, params).fetchall()
         rows.sort(key=lambda row: (-row[1], row[0]))
         return [self._decode(row) for row in rows]
 
@@ -382,8 +410,7 @@ class Store:
 
     def ack(self, row_id: int, owner: str) -> bool:
         """Delete a claimed message; False if the lease was lost to another consumer."""
-        with self.transaction() as conn:
-            return conn.execute(self.sql(ACK), (row_id, owner)).rowcount == 1
+        return self._write(ACK, (row_id, owner)).rowcount == 1
 
     def release(self, row_ids: Iterable[int], owner: str) -> None:
         """Make claimed messages visible again at their original place."""
@@ -392,8 +419,7 @@ class Store:
 
     def extend(self, owner: str, lease: float) -> int:
         """Push back the lease expiry of every message ``owner`` holds."""
-        with self.transaction() as conn:
-            return conn.execute(self.sql(EXTEND), (time.time() + lease, owner)).rowcount
+        return self._write(EXTEND, (time.time() + lease, owner)).rowcount
 
     def dead_letter(self, row_id: int, owner: str | None, reason: str) -> None:
         """Move one message to the dead-letter table with ``reason``."""
@@ -403,8 +429,7 @@ class Store:
 
     def dead_letter_payload(self, queue: str, payload: dict[str, Any], reason: str) -> None:
         """Record a message already taken off its queue (no-ack) as a dead letter."""
-        with self.transaction() as conn:
-            conn.execute(self.sql(DEAD_LETTER_PAYLOAD), (queue, json.dumps(payload), reason, time.time()))
+        self._write(DEAD_LETTER_PAYLOAD, (queue, json.dumps(payload), reason, time.time()))
 
     def size(self, queue: str) -> int:
         row = self.conn.execute(self.sql(SIZE), {"queue": queue, "now": time.time()}).fetchone()
@@ -412,8 +437,7 @@ class Store:
 
     def purge(self, queue: str) -> int:
         """Delete the ready messages of ``queue`` (claimed ones stay, as in AMQP)."""
-        with self.transaction() as conn:
-            return conn.execute(self.sql(PURGE), (queue, time.time())).rowcount
+        return self._write(PURGE, (queue, time.time())).rowcount
 
     # -- entities -------------------------------------------------------------
 
@@ -472,8 +496,7 @@ class Store:
 
     def declare_exchange(self, name: str, type_: str, *, durable: bool, auto_delete: bool) -> str:
         """Create the exchange if missing; returns its type (the existing one if it was there)."""
-        with self.transaction() as conn:
-            conn.execute(self.sql(DECLARE_EXCHANGE), (name, type_, int(durable), int(auto_delete)))
+        self._write(DECLARE_EXCHANGE, (name, type_, int(durable), int(auto_delete)))
         self._exchange_types.pop(name, None)
         return self.exchange_type(name, default=type_)
 
@@ -497,12 +520,10 @@ class Store:
         self._exchange_types.pop(name, None)
 
     def bind(self, queue: str, exchange: str, routing_key: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(self.sql(BIND), (exchange, routing_key, queue))
+        self._write(BIND, (exchange, routing_key, queue))
 
     def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(self.sql(UNBIND), (exchange, routing_key, queue))
+        self._write(UNBIND, (exchange, routing_key, queue))
 
     def bindings(self) -> list[tuple[str, str, str]]:
         return [tuple(row) for row in self.conn.execute(self.sql(BINDINGS))]
@@ -544,5 +565,7 @@ class _Transaction:
         if exc_type is None:
             self._conn.execute("COMMIT")
             self._store.local_writes += 1
+            if self._store.local_writes % WAL_CHECK_EVERY == 0:
+                self._store._bound_wal()
         else:
             self._conn.execute("ROLLBACK")
