@@ -48,7 +48,8 @@ def declared(conn: Connection, queue: Queue) -> Queue:
 
 
 def publish(conn: Connection, body: Any, exchange: Exchange | str, routing_key: str, **kw: Any) -> None:
-    Producer(conn.channel()).publish(body, exchange=exchange, routing_key=routing_key, **kw)
+    # One channel per connection: RabbitMQ orders messages per channel only.
+    Producer(conn.default_channel).publish(body, exchange=exchange, routing_key=routing_key, **kw)
 
 
 def test_publish_consume_ack(connect: Connect, unique: Names) -> None:

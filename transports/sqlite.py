@@ -52,8 +52,10 @@ string wins, being the more specific place):
 * ``busy_timeout`` (60.0): seconds to wait for another writer's lock.
 * ``synchronous`` (``NORMAL``): ``NORMAL`` never corrupts the database but may
   lose the last commits on power loss; ``FULL`` keeps them at some speed cost.
-* ``wal_size_limit`` (8 MiB): bytes the ``-wal`` file is cut back to after a
-  checkpoint; with auto-checkpoints every 1000 pages this bounds it.
+* ``wal_size_limit`` (4 MiB): past this size (looked at every 50 writes of a
+  process) the ``-wal`` file is checkpointed with ``TRUNCATE`` and starts over
+  empty. SQLite's passive auto-checkpoints are off on our connections: under
+  constant load they cannot rewind the WAL, which then grows.
 * ``sweep_interval`` (30.0): seconds between sweeps of expired messages and
   queues and old dead letters.
 * ``dead_letter_retention`` (604800.0, a week): seconds dead letters are kept.
@@ -102,7 +104,7 @@ class Options:
     table_prefix: str = "kombu_"
     busy_timeout: float = 60.0
     synchronous: str = "NORMAL"
-    wal_size_limit: int = 8 * 1024 * 1024
+    wal_size_limit: int = 4 * 1024 * 1024
     sweep_interval: float = 30.0
     dead_letter_retention: float = 7 * 24 * 3600.0
 

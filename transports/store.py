@@ -153,11 +153,11 @@ SWEEP_DEAD_LETTERS = "DELETE FROM {p}dead_letter WHERE dead_at <= ?"
 #: Seconds SQLite waits for another connection's write lock before failing.
 DEFAULT_BUSY_TIMEOUT = 60.0
 #: Bytes the ``-wal`` file is truncated back to after a checkpoint.
-DEFAULT_WAL_SIZE_LIMIT = 8 * 1024 * 1024
-#: Pages written to the WAL before SQLite checkpoints it automatically.
-WAL_AUTOCHECKPOINT_PAGES = 1000
+DEFAULT_WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: SQLite's passive auto-checkpoint, off: :meth:`Store._bound_wal` checkpoints instead.
+WAL_AUTOCHECKPOINT_PAGES = 0
 #: Writes of one process between two looks at the size of the ``-wal`` file.
-WAL_CHECK_EVERY = 100
+WAL_CHECK_EVERY = 50
 #: Seconds before consumed queues without ``x-expires`` are looked at again.
 QUEUE_EXPIRY_RECHECK = 60.0
 
@@ -320,32 +320,35 @@ class Store:
             text = self._sql[statement] = statement.replace("{p}", self.prefix)
         return text
 
-    def _write(self, statement: str, params: Any) -> sqlite3.Cursor:
-        """One write statement as its own transaction.
+    def _write(self, statement: str, params: Any) -> tuple[list[Any], int]:
+        """One write statement as its own transaction; returns its rows and rowcount.
 
         A lone write statement takes the write lock before it reads anything
         (its first opcode), so it is as safe as ``BEGIN IMMEDIATE`` and costs one
-        call instead of three. Results are fetched by the caller at once.
+        call instead of three.
         """
         cursor = self.conn.execute(self.sql(statement), params)
+        rows = cursor.fetchall()
         self.local_writes += 1
         if self.local_writes % WAL_CHECK_EVERY == 0:
             self._bound_wal()
-        return cursor
+        return rows, cursor.rowcount
 
     def _bound_wal(self) -> None:
-        """Past ``wal_size_limit``, checkpoint with RESTART so the next writer starts over.
+        """Past ``wal_size_limit``, checkpoint with TRUNCATE: the file starts over, empty.
 
         Passive auto-checkpoints cannot rewind the WAL while readers keep
-        arriving, so under constant load it would grow; RESTART waits (within
-        ``busy_timeout``) for the few-millisecond transactions in flight.
+        arriving, so under constant load it would grow; TRUNCATE waits (within
+        ``busy_timeout``) for the few-millisecond transactions in flight. When
+        another process is checkpointing at that moment it returns at once,
+        and that other checkpoint does the work.
         """
         try:
             size = os.stat(self._wal_path).st_size
         except FileNotFoundError:
             return
         if size > self._wal_size_limit:
-            self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def transaction(self, conn: sqlite3.Connection | None = None) -> _Transaction:
         """A ``BEGIN IMMEDIATE`` write transaction (never a deferred one, see DESIGN.md)."""
@@ -378,7 +381,7 @@ class Store:
             "queue": routing_key,
         }
         statement = PUT if not exchange else ROUTE_BY_TYPE[self.exchange_type(exchange)]
-        return self._write(statement, params).rowcount
+        return self._write(statement, params)[1]
 
     def has_ready(self, queue: str) -> bool:
         """Cheap read-only check before taking the write lock to claim."""
@@ -393,7 +396,7 @@ class Store:
         """
         now = time.time()
         params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
-        rows = self._write(CLAIM if owner else TAKE, params).fetchall()
+        rows = self._write(CLAIM if owner else TAKE, params)[0]
         rows.sort(key=lambda row: (-row[1], row[0]))
         return [self._decode(row) for row in rows]
 
@@ -410,7 +413,7 @@ class Store:
 
     def ack(self, row_id: int, owner: str) -> bool:
         """Delete a claimed message; False if the lease was lost to another consumer."""
-        return self._write(ACK, (row_id, owner)).rowcount == 1
+        return self._write(ACK, (row_id, owner))[1] == 1
 
     def release(self, row_ids: Iterable[int], owner: str) -> None:
         """Make claimed messages visible again at their original place."""
@@ -419,7 +422,7 @@ class Store:
 
     def extend(self, owner: str, lease: float) -> int:
         """Push back the lease expiry of every message ``owner`` holds."""
-        return self._write(EXTEND, (time.time() + lease, owner)).rowcount
+        return self._write(EXTEND, (time.time() + lease, owner))[1]
 
     def dead_letter(self, row_id: int, owner: str | None, reason: str) -> None:
         """Move one message to the dead-letter table with ``reason``."""
@@ -437,7 +440,7 @@ class Store:
 
     def purge(self, queue: str) -> int:
         """Delete the ready messages of ``queue`` (claimed ones stay, as in AMQP)."""
-        return self._write(PURGE, (queue, time.time())).rowcount
+        return self._write(PURGE, (queue, time.time()))[1]
 
     # -- entities -------------------------------------------------------------
 
