@@ -9,7 +9,7 @@ _settings = load()
 
 broker_url = _settings.broker_url
 result_backend = _settings.result_backend
-# One file, many processes: SQLAlchemy must wait for the broker's writers, not fail.
+# For CELERY_RESULT_BACKEND=db+sqlite://…: wait for the broker's writers, do not fail.
 database_engine_options = {"connect_args": {"timeout": 60}}
 result_extended = True
 
@@ -23,7 +23,6 @@ event_serializer = "json"
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-task_track_started = True
 worker_send_task_events = True
 task_send_sent_event = True
 

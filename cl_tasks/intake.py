@@ -29,6 +29,8 @@ from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
 
+#: Message header marking a publish by intake (its row exists already).
+INTAKE_HEADER = "cl_tasks_intake"
 #: Rows reserved per transaction.
 BATCH = 100
 #: Seconds after which an unpublished reservation is given up and retried.
@@ -85,6 +87,8 @@ class Intake(threading.Thread):
         """Publish every reservable row above ``after_id``; returns the highest id looked at."""
         types = list(self._task_types())
         top = self._store.max_id()
+        if after_id and top <= after_id:
+            return top  # no new row: do not take the write lock for nothing
         while types:
             reserved = self._store.reserve_queued(types, after_id=after_id, limit=BATCH)
             for job in reserved:
@@ -104,7 +108,13 @@ class Intake(threading.Thread):
             self._store.fail(job.job_id, "params must be a JSON object of the job's parameters")
             return
         priority = None if job.priority is None else max(0, min(9, int(job.priority)))
+        # The row exists and is reserved: the publish hook need not write it again.
         self._app.send_task(
-            job.task_type, kwargs=params, task_id=job.job_id, queue=job.task_type, priority=priority
+            job.task_type,
+            kwargs=params,
+            task_id=job.job_id,
+            queue=job.task_type,
+            priority=priority,
+            headers={INTAKE_HEADER: True},
         )
         logger.info("queued job %s (%s) published", job.job_id, job.task_type)

@@ -10,7 +10,8 @@ Defaults (decided here, documented in the README):
 * ``DATABASE_URL``: ``sqlite:///$CL_SERVER_DIR/media_store.db`` (SQLAlchemy form).
 * ``CELERY_BROKER_URL``: the SQLite transport on the ``DATABASE_URL`` file
   when that is SQLite; required otherwise.
-* ``CELERY_RESULT_BACKEND``: Celery's SQLAlchemy backend on the same database.
+* ``CELERY_RESULT_BACKEND``: ``cl_tasks.results:ResultBackend``, a key/value table
+  beside ``jobs`` in ``DATABASE_URL``.
 * ``COMPUTE_MODULES_DIR``: the ``compute_modules`` folder of this repository.
 * ``COMPUTE_VENV_DIR``: ``$CL_SERVER_DIR/venvs`` (one virtualenv per module).
 * ``WORKER_SUPPORTED_TASKS``: empty = every discovered task type.
@@ -115,7 +116,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             "CELERY_BROKER_URL is required when DATABASE_URL is not SQLite"
             " (for example amqp://guest:guest@127.0.0.1:5672//)"
         )
-    result_backend = env.get("CELERY_RESULT_BACKEND") or f"db+{database_url}"
+    result_backend = env.get("CELERY_RESULT_BACKEND") or "cl_tasks.results:ResultBackend"
     log_level = (env.get("LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
         raise SettingsError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")

@@ -16,7 +16,7 @@ from celery.worker import state as worker_state
 
 from cl_tasks import hooks
 from cl_tasks.app import app
-from cl_tasks.intake import Intake
+from cl_tasks.intake import INTAKE_HEADER, Intake
 from cl_tasks.jobs import job_store
 from cl_tasks.modules import ModuleError, venv_python
 from cl_tasks.presence import Announcer
@@ -34,7 +34,7 @@ def create_job_row(
     sender: str | None = None, headers: Any = None, body: Any = None, properties: Any = None, **_: Any
 ) -> None:
     """``.delay``/``send_task``/``submit_job`` of a compute task creates its ``jobs`` row."""
-    if not sender or not is_compute(sender) or not headers:
+    if not sender or not is_compute(sender) or not headers or headers.get(INTAKE_HEADER):
         return
     kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
     priority = (properties or {}).get("priority")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -102,29 +104,42 @@ def submit_job(task_type: str, params: dict[str, Any], priority: int | None = No
     return app.send_task(task_type, kwargs=params, queue=task_type, priority=priority)
 
 
-class _Lease:
-    """Renews a job's lease from a thread while the runner works."""
+class _Leases:
+    """Renews the leases of this process's running jobs from one thread (made after fork)."""
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, lease: float) -> None:
-        self._args = (job_id, owner, lease)
-        self._store = store
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{job_id}")
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pid = 0
 
-    def _renew(self) -> None:
-        job_id, owner, lease = self._args
-        while not self._stop.wait(lease / 3):
-            try:
-                self._store.renew(job_id, owner, lease)
-            except Exception:  # a missed renewal is retried; the lease is three times longer
-                continue
+    @contextmanager
+    def holding(self, store: JobStore, job_id: str, owner: str, lease: float) -> Iterator[None]:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._held = {}
+                self._pid = os.getpid()
+                thread = threading.Thread(target=self._renew, args=(store, lease), daemon=True)
+                thread.start()
+            self._held[job_id] = owner
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(job_id, None)
 
-    def __enter__(self) -> _Lease:
-        self._thread.start()
-        return self
+    def _renew(self, store: JobStore, lease: float) -> None:
+        while True:
+            time.sleep(lease / 3)
+            with self._lock:
+                held = list(self._held.items())
+            for job_id, owner in held:
+                try:
+                    store.renew(job_id, owner, lease)
+                except Exception:  # retried next round; the lease is three rounds long
+                    continue
 
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
+
+_leases = _Leases()
 
 
 class _Progress:
@@ -138,7 +153,8 @@ class _Progress:
     def __call__(self, progress: float) -> None:
         progress = max(0.0, min(100.0, progress))
         now = time.monotonic()
-        if progress <= self._last_value or (now - self._last_sent < PROGRESS_EVERY and progress < 100.0):
+        # 100 % is recorded by the completion itself, with the output.
+        if progress >= 100.0 or progress <= self._last_value or now - self._last_sent < PROGRESS_EVERY:
             return
         self._last_sent, self._last_value = now, progress
         job_id = self._task.request.id
@@ -163,7 +179,7 @@ def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
     if claim.outcome == "busy":
         raise task.retry(countdown=claim.retry_in + 0.5, max_retries=None)
     hooks.job_progress.send(sender=task.name, job_id=job_id, progress=0.0)
-    with _Lease(store, job_id, owner, settings.job_lease):
+    with _leases.holding(store, job_id, owner, settings.job_lease):
         try:
             output = _run(task, params, owner)
         except SoftTimeLimitExceeded:

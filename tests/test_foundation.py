@@ -20,7 +20,7 @@ from tests.conftest import PYTHON, ROOT, subprocess_env
 def test_default_broker_is_sqlite_under_cl_server_dir(tmp_path: Path) -> None:
     settings = load({"CL_SERVER_DIR": str(tmp_path)})
     assert settings.broker_url == f"sqlite:///{tmp_path / 'media_store.db'}"
-    assert settings.result_backend == f"db+sqlite:///{tmp_path / 'media_store.db'}"
+    assert settings.result_backend == "cl_tasks.results:ResultBackend"
     assert settings.sqlite_path == tmp_path / "media_store.db"
 
 
