@@ -90,6 +90,9 @@ from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
 
+#: Pauses (seconds) between looks at ``data_version`` after a wake-up found no change:
+#: the commit that woke us may not be visible yet (about 1.5 ms in all).
+COMMIT_SETTLE_PAUSES = (0.0002, 0.0003, 0.001, 0.0)
 #: Seconds between runs of the lease keeper at most (it runs more often for short leases).
 KEEPER_MAX_TICK = 1.0
 
@@ -559,17 +562,31 @@ class Transport(virtual.Transport):
         self._watch.close()
         self.store.close()
 
+    def _changed(self) -> bool:
+        """Whether anything committed since we last looked, allowing for a commit in flight.
+
+        inotify fires on the write of a commit's WAL frames, a moment before the
+        commit becomes visible (the WAL index is updated after); so an unchanged
+        ``data_version`` is looked at again a few times within a millisecond or so.
+        """
+        for pause in COMMIT_SETTLE_PAUSES:
+            seen = self.store.change_token()
+            if seen != self._seen:
+                self._seen = seen
+                return True
+            time.sleep(pause)
+        return False
+
     def drain_events(  # type: ignore[override]
         self, connection: Any, timeout: float | None = None, **kwargs: Any
     ) -> None:
         """Deliver ready messages, sleeping on commits (not polling) while there are none."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        woken = True
         while True:
             self._watch.drain()
-            seen = self.store.change_token()
             now = time.monotonic()
-            if seen != self._seen or now >= self._next_poll:
-                self._seen = seen
+            if (self._changed() if woken else False) or now >= self._next_poll:
                 self._next_poll = now + self.polling_interval
                 try:
                     assert self.cycle is not None
@@ -583,8 +600,10 @@ class Transport(virtual.Transport):
                 if remaining <= 0:
                     raise TimeoutError()
                 wait = min(wait, remaining)
-            if self._watch.wait(max(wait, 0.0)) == "interrupt":
+            outcome = self._watch.wait(max(wait, 0.0))
+            if outcome == "interrupt":
                 raise TimeoutError("interrupted: the process is shutting down")
+            woken = outcome == "commit"
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """Run inside Celery's event loop: deliver on every commit, poll as a fallback.
@@ -605,10 +624,10 @@ class Transport(virtual.Transport):
         self._deliver_ready(False)
 
     def _deliver_ready(self, force: bool) -> None:
-        seen = self.store.change_token()
-        if not force and seen == self._seen:
+        if force:
+            self._seen = self.store.change_token()
+        elif not self._changed():
             return
-        self._seen = seen
         assert self.cycle is not None
         # One round over the channels; our own claims commit, which wakes us again.
         for _ in range(max(len(self.channels), 1)):
