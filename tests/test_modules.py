@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -129,23 +128,39 @@ def runner_gone(pid_file: Path, timeout: float = 10) -> bool:
     return False
 
 
-def test_soft_time_limit_stops_the_runner_and_fails_the_row(
-    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
-) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+def stopped_hanging_job(server_dir: Path, env: dict[str, str], limit: str) -> dict[str, object]:
+    """The row of a hanging ``misbehave`` job sent with ``limit`` (e.g. ``time_limit=2``)."""
     job_id = run_client(
-        jobs_env,
+        env,
         (
             "import cl_tasks\n"
             "r = cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'},"
-            " soft_time_limit=1.5)\n"
+            f" {limit})\n"
             "print(r.id)\n"
         ),
     ).strip()
     row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
+    assert runner_gone(server_dir / "hang.pid")
+    return row
+
+
+def test_soft_time_limit_stops_the_runner_and_fails_the_row(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    row = stopped_hanging_job(server_dir, jobs_env, "soft_time_limit=1.5")
     assert row["status"] == "error"
     assert row["error_message"] == "stopped: the soft time limit of 1.5 s was exceeded"
-    assert runner_gone(server_dir / "hang.pid")
+
+
+def test_hard_time_limit_fails_the_row(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    row = stopped_hanging_job(server_dir, jobs_env, "time_limit=2")
+    assert row["status"] == "error"
+    assert "TimeLimitExceeded" in str(row["error_message"]), row
+    assert row["progress"] == 0
 
 
 def test_revoke_terminate_stops_the_runner_and_fails_the_row(
@@ -165,23 +180,3 @@ def test_revoke_terminate_stops_the_runner_and_fails_the_row(
     assert row["status"] == "error"
     assert row["error_message"] == "revoked: terminated with SIGTERM while running"
     assert runner_gone(server_dir / "hang.pid")
-
-
-def test_hard_time_limit_fails_the_row(
-    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
-) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    job_id = run_client(
-        jobs_env,
-        (
-            "import cl_tasks\n"
-            "r = cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'},"
-            " time_limit=2)\n"
-            "print(r.id)\n"
-        ),
-    ).strip()
-    row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
-    assert row["status"] == "error"
-    assert "TimeLimitExceeded" in str(row["error_message"]), row
-    assert runner_gone(server_dir / "hang.pid")
-    assert json.loads(json.dumps(row))["progress"] == 0
