@@ -142,6 +142,18 @@ class Claim:
     retry_in: float = 0.0
 
 
+def sqlalchemy_url(url: str) -> str:
+    """``url`` with a driver SQLAlchemy can load: ``postgresql://`` means psycopg 3 here.
+
+    (SQLAlchemy's default PostgreSQL driver is psycopg2, which cl_tasks does not
+    install; an explicit ``postgresql+driver://`` is left as it is.)
+    """
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -178,11 +190,12 @@ class JobStore:
         return self._engine
 
     def _create_engine(self) -> Engine:
-        if self.url.startswith("sqlite"):
-            engine = create_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        url = sqlalchemy_url(self.url)
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
             _immediate_transactions(engine)
         else:
-            engine = create_engine(self.url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True)
         metadata.create_all(engine, checkfirst=True)
         self._columns = frozenset(column["name"] for column in inspect(engine).get_columns("jobs"))
         missing = REQUIRED_COLUMNS - self._columns
@@ -249,11 +262,13 @@ class JobStore:
         if priority is not None and self.has_priority:
             values["priority"] = priority
         with self.transaction() as conn:
-            inserted = conn.execute(self._insert(jobs).values(**values).on_conflict_do_nothing()).rowcount
+            # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT.
+            insert = self._insert(jobs).values(**values).on_conflict_do_nothing()
+            inserted = conn.execute(insert.returning(jobs.c.job_id)).first() is not None
             conn.execute(
                 self._insert(intake).values(job_id=job_id, reserved_at=time.time()).on_conflict_do_nothing()
             )
-        return bool(inserted)
+        return inserted
 
     def _insert(self, table: Table) -> Any:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
@@ -299,7 +314,7 @@ class JobStore:
             for row in conn.execute(query).fetchall():
                 job = self._job(row)
                 insert = self._insert(intake).values(job_id=job.job_id, reserved_at=time.time())
-                if conn.execute(insert.on_conflict_do_nothing()).rowcount:
+                if conn.execute(insert.on_conflict_do_nothing().returning(intake.c.job_id)).first():
                     reserved.append(job)
         return reserved
 
