@@ -77,11 +77,7 @@ def route(
     name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
 ) -> dict[str, Any] | None:
     """Celery router: a compute task goes to the queue named after its task type."""
-    if isinstance(task, ComputeTask) or isinstance(app.tasks.get(name), ComputeTask):
-        return {"queue": name}
-    if name in compute_modules():
-        return {"queue": name}
-    return None
+    return {"queue": name} if isinstance(task, ComputeTask) or is_compute(name) else None
 
 
 def is_compute(name: str) -> bool:

@@ -74,7 +74,6 @@ import weakref
 from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from itertools import islice
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -387,7 +386,7 @@ class Channel(virtual.Channel):
         queues = list(self._queue_callbacks)
         self._rotation = (self._rotation + 1) % max(len(queues), 1)
         delivered = 0
-        for queue in islice(queues[self._rotation :] + queues[: self._rotation], len(queues)):
+        for queue in queues[self._rotation :] + queues[: self._rotation]:
             room = self.qos.can_consume_max_estimate()
             limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
             if limit <= 0:
