@@ -1,0 +1,184 @@
+"""Soak: 1,000 jobs through three prefork workers while one is SIGKILLed and MQTT restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.conftest import (
+    WAL_BOUND,
+    broker_left,
+    count,
+    freeze,
+    ledger_runs,
+    query,
+    statuses,
+    stop_all,
+    thaw,
+    wait_until,
+)
+from tests.conftest import Worker, insert_job, run_client
+from tests.mqtt_support import PrivateMosquitto, Subscriber
+
+pytestmark = pytest.mark.chaos
+
+StartWorker = Callable[..., Worker]
+
+TASK = "ledger_echo"
+#: Jobs per side: this many rows from the API, as many jobs from a Celery client.
+PER_SIDE = 500
+#: Seconds each job's runner sleeps: long enough that a killed worker has jobs in flight.
+JOB_SECONDS = 0.02
+
+CLIENT = f"""
+import json
+from cl_tasks import app
+from cl_tasks.tasks import register
+ledger_echo = register("{TASK}")
+ids = []
+for n in range({PER_SIDE}, {2 * PER_SIDE}):
+    params = {{"ledger_path": "ledger.txt", "echo": n, "seconds": {JOB_SECONDS}}}
+    result = ledger_echo.delay(**params) if n % 2 else app.send_task("{TASK}", kwargs=params)
+    ids.append(result.id)
+print(json.dumps(ids))
+"""
+
+# Every API row that has not ended has a published message (so no reservation of the
+# killed worker's intake is pending; one would be republished only after a minute).
+UNPUBLISHED_API_ROWS = """SELECT count(*) FROM jobs WHERE job_id LIKE 'api-%'
+    AND status NOT IN ('completed', 'error')
+    AND job_id NOT IN (SELECT job_id FROM cl_tasks_intake WHERE published_at IS NOT NULL)"""
+
+
+def test_1000_jobs_survive_a_killed_worker_and_an_mqtt_restart(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker, mosquitto: PrivateMosquitto
+) -> None:
+    """Every job ends ``completed`` and its runner ran once, except where a kill forced a rerun.
+
+    The worker to kill is frozen (SIGSTOP) first, so the jobs it holds (``processing``,
+    its leases in ``cl_tasks_job_lease``) are read while nothing moves; only those may
+    run twice (at-least-once: a job whose worker died mid-run is run again).
+    """
+    database = server_dir / "media_store.db"
+    ledger = server_dir / "ledger.txt"
+    env = {
+        **jobs_env,
+        "BROADCAST_TYPE": "mqtt",
+        "MQTT_BROKER": "127.0.0.1",
+        "MQTT_PORT": str(mosquitto.port),
+        "MQTT_TOPIC": "soak/events",
+        "CAPABILITY_TOPIC_PREFIX": "soak/workers",
+        "MQTT_HEARTBEAT_INTERVAL": "1",
+    }
+    # Given three prefork workers with two processes each
+    workers = {
+        name: start_worker(env, "-Q", TASK, "-c", "2", name=name, ready=False) for name in ("a", "b", "c")
+    }
+    for worker in workers.values():
+        worker.wait_ready()
+    # When 500 rows come from the API and 500 jobs from a Celery client, at once
+    inserter = threading.Thread(target=insert_api_rows, args=(database,))
+    client_ids: list[str] = []
+    client = threading.Thread(target=lambda: client_ids.extend(json.loads(run_client(env, CLIENT))))
+    inserter.start()
+    client.start()
+    wal_peak = 0
+    started = time.monotonic()
+
+    def progress() -> int:
+        """Jobs ended so far (sampling the size of the -wal file on the way)."""
+        nonlocal wal_peak
+        wal_peak = max(wal_peak, wal_size(database))
+        ended = statuses(database)
+        return ended["completed"] + ended["error"]
+
+    # And, mid-run, worker c is killed (its held jobs noted while it is frozen) and restarted
+    wait_until(
+        lambda: progress() >= 200 and not inserter.is_alive() and count(database, UNPUBLISHED_API_ROWS) == 0,
+        120,
+        "200 jobs ended and every API row published",
+    )
+    victim = workers["c"]
+    held = freeze_holding_jobs(victim, database)
+    completed_at_kill = statuses(database)["completed"]
+    victim.kill()
+    restarted = start_worker(env, "-Q", TASK, "-c", "2", name="c2", ready=False)
+    # And the MQTT broker restarts half-way
+    wait_until(lambda: progress() >= PER_SIDE, 120, "half of the jobs ended")
+    mosquitto.stop()
+    mosquitto.start()
+    events = Subscriber("soak/events", mosquitto.port)
+    client.join(timeout=180)
+    assert len(client_ids) == PER_SIDE
+    wait_until(lambda: progress() >= 2 * PER_SIDE, 180, "every job ended")
+
+    all_done = time.monotonic() - started
+    # Then every job is completed, with the output of its own number
+    rows = query(database, "SELECT job_id, status, params, task_output FROM jobs WHERE task_type = ?", TASK)
+    assert len(rows) == 2 * PER_SIDE
+    assert {status for _, status, _, _ in rows} == {"completed"}
+    echoes = {str(job_id): json.loads(str(params))["echo"] for job_id, _, params, _ in rows}
+    assert sorted(echoes.values()) == list(range(2 * PER_SIDE))
+    assert all(json.loads(str(output)) == {"echo": echoes[str(job_id)]} for job_id, _, _, output in rows)
+    assert set(client_ids) | {f"api-{n}" for n in range(PER_SIDE)} == set(echoes)
+    # And every job's runner ran once; twice only for jobs the killed worker held
+    runs = ledger_runs(ledger)
+    assert set(runs) == set(echoes)
+    twice = {job_id for job_id, n in runs.items() if n > 1}
+    assert twice <= held, f"ran twice without being held by the killed worker: {twice - held}"
+    assert max(runs.values()) <= 2, runs.most_common(3)
+    # And nothing is left: no message, no lease, no pending intake, no dead letter
+    wait_until(lambda: broker_left(database, TASK) == 0, 30, "every message acked")
+    assert count(database, "SELECT count(*) FROM cl_tasks_job_lease") == 0
+    assert count(database, "SELECT count(*) FROM cl_tasks_intake") == 0
+    assert count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
+    # And the -wal file stayed within its documented bound
+    assert wal_peak < WAL_BOUND, wal_peak
+    # And MQTT came back: job events flow, the live workers announced themselves again
+    events.wait_for(lambda ms: any(m.json()["event_type"] == "completed" for m in ms), timeout=30)
+    events.close()
+    capabilities = Subscriber("soak/workers/#", mosquitto.port)
+    host = socket.gethostname()
+    live = {f"{name}@{host}" for name in ("a", "b", "c2")}
+    found = capabilities.wait_for(lambda ms: live <= {m.json()["id"] for m in ms if m.payload}, timeout=30)
+    assert f"c@{host}" not in {m.json()["id"] for m in found if m.payload}
+    capabilities.close()
+    for name in ("a", "b"):
+        assert workers[name].process.poll() is None, f"worker {name} died"
+    stop_all([workers["a"], workers["b"], restarted])
+    print(
+        f"soak: {len(held)} jobs held by the killed worker after {completed_at_kill} completed,"
+        f" {len(twice)} ran twice; wal peak {wal_peak} bytes; all done after {all_done:.1f}s"
+    )
+
+
+def freeze_holding_jobs(worker: Worker, database: Path, name: str = "c") -> set[str]:
+    """Freeze ``worker`` at a moment it holds jobs; returns their ids (its leases)."""
+    for _ in range(200):
+        freeze(worker)
+        held = query(database, "SELECT job_id FROM cl_tasks_job_lease WHERE owner LIKE ?", f"{name}@%")
+        if held:
+            return {str(job_id) for (job_id,) in held}
+        thaw(worker)
+        time.sleep(0.02)
+    raise AssertionError(f"worker {name} never held a job")
+
+
+def insert_api_rows(database: Path) -> None:
+    for n in range(PER_SIDE):
+        params = {"ledger_path": "ledger.txt", "echo": n, "seconds": JOB_SECONDS}
+        insert_job(database, f"api-{n}", TASK, params)
+
+
+def wal_size(database: Path) -> int:
+    try:
+        return os.stat(f"{database}-wal").st_size
+    except FileNotFoundError:
+        return 0
