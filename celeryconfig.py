@@ -27,5 +27,12 @@ worker_send_task_events = True
 task_send_sent_event = True
 
 broker_connection_retry_on_startup = True
-broker_transport_options = {"visibility_timeout": 60.0, "polling_interval": 1.0}
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout, "polling_interval": 1.0}
+if broker_url.startswith(("redis:", "rediss:")):
+    # kombu's Redis transport looks for messages of dead workers only every ~100 s
+    # (interval x throttle); look every quarter of the visibility timeout instead.
+    broker_transport_options |= {
+        "unacked_restore_interval": max(1.0, min(10.0, _settings.visibility_timeout / 4)),
+        "unacked_restore_throttle": 1,
+    }
 worker_hijack_root_logger = True

@@ -18,6 +18,15 @@ Defaults (decided here, documented in the README):
 * ``WORKER_POLL_INTERVAL``: 5.0 s, the fallback intake poll (SQLite wakes on commits).
 * ``JOB_LEASE_SECONDS``: 30.0 s; a job whose worker stopped renewing it this long is
   taken over by another worker.
+* ``JOB_PARAMS_MAX_BYTES``: 1 MiB (1,048,576); a job whose ``params`` JSON is larger
+  ends ``error`` naming the limit (API rows), or is refused at submit (``.delay``,
+  ``submit_job``). Params name files under ``CL_SERVER_DIR``; they are not a way to
+  ship data, and every byte of them crosses the broker and the jobs table.
+* ``BROKER_VISIBILITY_TIMEOUT``: 60.0 s; a broker message taken by a worker that
+  died comes back after this long (SQLite and Redis brokers; RabbitMQ notices the
+  closed connection at once). The SQLite transport extends it while the worker
+  lives, so long jobs are safe; Redis does not, and a redelivered job still runs
+  once because the job's lease in the jobs table is held by the first worker.
 * MQTT: ``BROADCAST_TYPE`` (``mqtt`` or ``noop``), ``MQTT_BROKER`` (``localhost``),
   ``MQTT_PORT`` (1883, or 8883 with TLS), ``MQTT_TOPIC`` (``inference/events``),
   ``CAPABILITY_TOPIC_PREFIX`` (``inference/workers``), ``MQTT_HEARTBEAT_INTERVAL``
@@ -42,8 +51,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_POLL_INTERVAL = 5.0
 #: Seconds a job's claim lasts without renewal (renewed every third of it).
 DEFAULT_JOB_LEASE = 30.0
+#: Seconds before a message of a dead consumer is delivered again (SQLite and Redis brokers).
+DEFAULT_VISIBILITY_TIMEOUT = 60.0
 #: Seconds between capability announcements of an unchanged worker.
 DEFAULT_HEARTBEAT = 30.0
+#: Largest ``params`` JSON of a job, in bytes (UTF-8).
+DEFAULT_JOB_PARAMS_MAX_BYTES = 1024 * 1024
 #: The compute modules shipped with this repository.
 BUNDLED_MODULES_DIR = Path(__file__).resolve().parent.parent / "compute_modules"
 
@@ -82,8 +95,10 @@ class Settings:
     supported_tasks: frozenset[str]
     poll_interval: float
     job_lease: float
+    visibility_timeout: float
     mqtt: MqttSettings
     worker_id: str | None
+    job_params_max_bytes: int = DEFAULT_JOB_PARAMS_MAX_BYTES
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -132,8 +147,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         supported_tasks=frozenset(name.strip() for name in supported.split(",") if name.strip()),
         poll_interval=_positive(env, "WORKER_POLL_INTERVAL", DEFAULT_POLL_INTERVAL),
         job_lease=_positive(env, "JOB_LEASE_SECONDS", DEFAULT_JOB_LEASE),
+        visibility_timeout=_positive(env, "BROKER_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
         mqtt=_mqtt(env),
         worker_id=_worker_id(env.get("WORKER_ID") or None),
+        job_params_max_bytes=_positive_int(env, "JOB_PARAMS_MAX_BYTES", DEFAULT_JOB_PARAMS_MAX_BYTES),
     )
 
 
@@ -200,6 +217,15 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise SettingsError(f"{name}={raw!r} must be above 0")
     return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if not raw.strip().isdigit() or int(raw) <= 0:
+        raise SettingsError(f"{name}={raw!r} must be a whole number above 0")
+    return int(raw)
 
 
 _current: Settings | None = None

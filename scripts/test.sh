@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite (plus ruff and mypy). Needs the machine's
-# RabbitMQ (127.0.0.1:5672) and Mosquitto (127.0.0.1:1883); installs Chromium as root.
+# RabbitMQ (127.0.0.1:5672), Mosquitto (127.0.0.1:1883), PostgreSQL (127.0.0.1:5432, database
+# `test`, trust auth) and Redis (127.0.0.1:6379); installs Chromium as root.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k contract
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +17,11 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/pytest -q "$@"
+# Every test on the embedded stack (SQLite broker and jobs table), then the tests marked
+# `stack` again on each "beyond one machine" stack: the machine's RabbitMQ or Redis as
+# broker, PostgreSQL for the jobs table (set CL_TASKS_TEST_STACKS to choose; empty = none).
+.venv/bin/pytest -q "$@"
+for stack in ${CL_TASKS_TEST_STACKS-rabbitmq+postgresql redis+postgresql}; do
+  echo "== tests marked 'stack' on $stack"
+  CL_TASKS_TEST_STACK="$stack" .venv/bin/pytest -q -m stack "$@"
+done

@@ -17,6 +17,22 @@ import transports  # noqa: F401 - registers sqlite://
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+#: Which broker and jobs database the tests marked ``stack`` run on. The default is the
+#: embedded one (SQLite ``media_store.db`` as broker and jobs table); the others are the
+#: "beyond one machine" configurations, reached by setting CELERY_BROKER_URL and
+#: DATABASE_URL only. ``scripts/test.sh`` runs the marked tests once per stack.
+STACKS = ("sqlite", "rabbitmq+postgresql", "redis+postgresql")
+STACK = os.environ.get("CL_TASKS_TEST_STACK", "sqlite")
+if STACK not in STACKS:
+    raise SystemExit(f"CL_TASKS_TEST_STACK={STACK!r} is not one of {', '.join(STACKS)}")
+#: The name ``celery inspect stats`` reports for the stack's broker transport.
+TRANSPORT_NAME = {"sqlite": "sqlite", "rabbitmq+postgresql": "amqp", "redis+postgresql": "redis"}[STACK]
+
+#: Where a test's jobs table lives: the SQLite file, or a PostgreSQL URL.
+Database = Path | str
 
 
 def port_open(host: str, port: int) -> bool:
@@ -106,10 +122,53 @@ def make_api_database(path: Path) -> None:
     conn.close()
 
 
-def insert_job(database: Path, job_id: str, task_type: str, params: object, **columns: object) -> None:
+def make_api_postgresql_database(name: str) -> str:
+    """A fresh PostgreSQL database ``name`` with the API's tables; returns its URL."""
+    import psycopg
+
+    assert port_open("127.0.0.1", 5432), "PostgreSQL is not running on 127.0.0.1:5432"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in API_SCHEMA:
+            # SQLite's rowid keys are PostgreSQL's serial ones.
+            conn.execute(
+                statement.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "SERIAL PRIMARY KEY").replace(
+                    "INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY"
+                )
+            )
+    return url
+
+
+def drop_postgresql_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def query(database: Database, sql: str, params: dict[str, object] | None = None) -> list[dict[str, object]]:
+    """Run one statement (``:name`` parameters) in its own transaction; rows as dicts."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    url = f"sqlite:///{database}" if isinstance(database, Path) else database
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(
+        url, poolclass=NullPool, connect_args={"timeout": 60} if isinstance(database, Path) else {}
+    )
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(sql), params or {})
+            return [dict(row._mapping) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def insert_job(database: Database, job_id: str, task_type: str, params: object, **columns: object) -> None:
     """INSERT a queued job row with plain SQL, as the API service does."""
     import json
-    import sqlite3
     import time
 
     text = params if isinstance(params, str) else json.dumps(params)
@@ -121,26 +180,37 @@ def insert_job(database: Path, job_id: str, task_type: str, params: object, **co
         "created_at": int(time.time() * 1000),
         **columns,
     }
-    conn = sqlite3.connect(database, timeout=60)
-    with conn:
-        conn.execute(
-            f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-            list(values.values()),
-        )
-    conn.close()
+    query(
+        database,
+        f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join(':' + name for name in values)})",
+        values,
+    )
 
 
-def job_row(database: Path, job_id: str) -> dict[str, object]:
-    import sqlite3
-
-    conn = sqlite3.connect(database, timeout=60)
-    conn.row_factory = sqlite3.Row
-    row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    conn.close()
-    return dict(row) if row else {}
+def job_row(database: Database, job_id: str) -> dict[str, object]:
+    rows = query(database, "SELECT * FROM jobs WHERE job_id = :job_id", {"job_id": job_id})
+    return rows[0] if rows else {}
 
 
-def wait_for_job(database: Path, job_id: str, timeout: float = 120.0) -> dict[str, object]:
+def messages_left(broker: str, queue: str) -> int:
+    """Messages of ``queue`` still in the broker: on SQLite every row, taken or not;
+    elsewhere the ready ones (stop the workers first, so nothing is held unacked)."""
+    path = sqlite_broker_path(broker)
+    if path is not None:
+        rows = query(path, "SELECT count(*) AS n FROM kombu_message WHERE queue = :queue", {"queue": queue})
+        return int(rows[0]["n"])  # type: ignore[call-overload]
+    with Connection(broker) as conn:
+        channel = conn.default_channel
+        if hasattr(channel, "_size"):  # kombu's virtual transports (Redis): an empty queue has no key
+            return int(channel._size(queue))
+        return int(channel.queue_declare(queue, passive=True).message_count)
+
+
+def sqlite_broker_path(broker: str) -> Path | None:
+    return Path(broker.removeprefix("sqlite://").split("?", 1)[0]) if broker.startswith("sqlite://") else None
+
+
+def wait_for_job(database: Database, job_id: str, timeout: float = 120.0) -> dict[str, object]:
     """Poll the row until it ends (completed or error)."""
     import time
 
@@ -217,24 +287,70 @@ class Worker:
 
 @pytest.fixture
 def server_dir(tmp_path: Path) -> Path:
-    """CL_SERVER_DIR with a media_store.db made by the "API service"."""
+    """CL_SERVER_DIR; on the sqlite stack with a media_store.db made by the "API service"."""
     folder = tmp_path / "data"
     folder.mkdir()
-    make_api_database(folder / "media_store.db")
+    if STACK == "sqlite":
+        make_api_database(folder / "media_store.db")
     return folder
 
 
 @pytest.fixture
-def jobs_env(server_dir: Path) -> dict[str, str]:
-    """Environment of workers and clients on ``server_dir``."""
-    return subprocess_env(
+def database(server_dir: Path) -> Iterator[Database]:
+    """The jobs database of this test: ``media_store.db``, or a fresh PostgreSQL database."""
+    if STACK == "sqlite":
+        yield server_dir / "media_store.db"
+        return
+    name = f"cltest_{uuid.uuid4().hex[:12]}"
+    yield make_api_postgresql_database(name)
+    drop_postgresql_database(name)
+
+
+@pytest.fixture
+def broker(server_dir: Path) -> Iterator[str]:
+    """CELERY_BROKER_URL of this test: the SQLite file, or a private RabbitMQ vhost / Redis db."""
+    import subprocess
+
+    if STACK == "sqlite":
+        yield f"sqlite:///{server_dir / 'media_store.db'}?visibility_timeout=4&polling_interval=0.5"
+    elif STACK.startswith("rabbitmq"):
+        assert port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672"
+        vhost = f"cltest-{uuid.uuid4().hex[:12]}"
+        ctl = ["rabbitmqctl", "-q"]
+        subprocess.run([*ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield RABBITMQ_URL.rstrip("/") + f"/{vhost}"
+        subprocess.run([*ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+    else:
+        import redis
+
+        assert port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379"
+        url = f"{REDIS_URL}/{1 + uuid.uuid4().int % 15}"
+        redis.Redis.from_url(url).flushdb()
+        yield url
+        redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture
+def jobs_env(server_dir: Path, database: Database, broker: str) -> dict[str, str]:
+    """Environment of workers and clients on ``server_dir``, ``database`` and ``broker``."""
+    env = subprocess_env(
         CL_SERVER_DIR=str(server_dir),
         COMPUTE_MODULES_DIR=str(TEST_MODULES),
         COMPUTE_VENV_DIR=str(TEST_VENVS),
-        CELERY_BROKER_URL=f"sqlite:///{server_dir / 'media_store.db'}?visibility_timeout=4&polling_interval=0.5",
+        CELERY_BROKER_URL=broker,
         JOB_LEASE_SECONDS="3",
+        BROKER_VISIBILITY_TIMEOUT="4",
         WORKER_POLL_INTERVAL="1",
     )
+    if isinstance(database, str):
+        env["DATABASE_URL"] = database
+    return env
 
 
 @pytest.fixture

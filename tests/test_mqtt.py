@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, Worker, insert_job, run_client, subprocess_env, wait_for_job
+from tests.conftest import PYTHON, Database, Worker, insert_job, run_client, subprocess_env, wait_for_job
 from tests.mqtt_support import (
     PrivateMosquitto,
     Received,
@@ -112,12 +112,12 @@ def test_capabilities_idle_count_and_heartbeat(
     subscriber.close()
 
 
+@pytest.mark.stack
 def test_job_events_processing_then_completed_or_error(
-    mqtt_env: dict[str, str], prefix: str, server_dir: Path, start_worker: StartWorker
+    mqtt_env: dict[str, str], prefix: str, database: Database, start_worker: StartWorker
 ) -> None:
     subscriber = Subscriber(f"{prefix}/events")
     start_worker(mqtt_env, "-Q", "ledger_echo,misbehave", "-c", "2")
-    database = server_dir / "media_store.db"
     insert_job(database, "good", "ledger_echo", {"ledger_path": "l.txt", "steps": 4, "seconds": 0.6})
     insert_job(database, "bad", "misbehave", {"mode": "crash"})
     wait_for_job(database, "good")

@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, Worker, insert_job, run_client, wait_for_job
+from tests.conftest import (
+    PYTHON,
+    ROOT,
+    TRANSPORT_NAME,
+    Database,
+    Worker,
+    insert_job,
+    run_client,
+    wait_for_job,
+)
 from tests.mqtt_support import Subscriber, free_port, wait_port
 
 StartWorker = Callable[..., Worker]
@@ -148,8 +157,9 @@ def celery(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.stack
 def test_celery_inspect_status_control_and_purge(
-    jobs_env: dict[str, str], server_dir: Path, start_worker: StartWorker
+    jobs_env: dict[str, str], database: Database, start_worker: StartWorker
 ) -> None:
     worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1", "--prefetch-multiplier", "3")
     running = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 30, "seconds": 0.5})
@@ -162,24 +172,27 @@ def test_celery_inspect_status_control_and_purge(
         ),
     ).strip()
     waiting = [submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt"}) for _ in range(2)]
-    wait_until(lambda: running in celery(jobs_env, "inspect", "active", "-t", "2"), what="active task")
+    wait_until(
+        lambda: running in celery(jobs_env, "inspect", "active", "-d", NODE, "-t", "2"), what="active task"
+    )
     assert running in celery(jobs_env, "inspect", "active", "-d", NODE, "-t", "3")
-    reserved = celery(jobs_env, "inspect", "reserved", "-t", "3")
+    reserved = celery(jobs_env, "inspect", "reserved", "-d", NODE, "-t", "3")
     assert any(job_id in reserved for job_id in waiting), reserved
-    assert eta in celery(jobs_env, "inspect", "scheduled", "-t", "3")
-    stats = celery(jobs_env, "inspect", "stats", "-t", "3")
-    assert NODE in stats and '"transport": "sqlite"' in stats
-    registered = celery(jobs_env, "inspect", "registered", "-t", "3")
+    assert eta in celery(jobs_env, "inspect", "scheduled", "-d", NODE, "-t", "3")
+    assert f"{NODE}: OK" in celery(jobs_env, "inspect", "ping", "-d", NODE, "-t", "3")
+    stats = celery(jobs_env, "inspect", "stats", "-d", NODE, "-t", "3")
+    assert NODE in stats and f'"transport": "{TRANSPORT_NAME}"' in stats
+    registered = celery(jobs_env, "inspect", "registered", "-d", NODE, "-t", "3")
     assert "ledger_echo" in registered and "image_resize" in registered
-    assert "'name': 'ledger_echo'" in celery(jobs_env, "inspect", "active_queues", "-t", "3")
+    assert "'name': 'ledger_echo'" in celery(jobs_env, "inspect", "active_queues", "-d", NODE, "-t", "3")
     assert "1 node online" in celery(jobs_env, "status", "-t", "3")
-    added = celery(jobs_env, "control", "add_consumer", "misbehave", "-t", "3")
+    added = celery(jobs_env, "control", "add_consumer", "misbehave", "-d", NODE, "-t", "3")
     assert "add consumer misbehave" in added
-    assert "'name': 'misbehave'" in celery(jobs_env, "inspect", "active_queues", "-t", "3")
-    cancelled = celery(jobs_env, "control", "cancel_consumer", "misbehave", "-t", "3")
+    assert "'name': 'misbehave'" in celery(jobs_env, "inspect", "active_queues", "-d", NODE, "-t", "3")
+    cancelled = celery(jobs_env, "control", "cancel_consumer", "misbehave", "-d", NODE, "-t", "3")
     assert "no longer consuming from misbehave" in cancelled
     for n in range(3):
-        insert_job(server_dir / "media_store.db", f"purge-{n}", "image_conversion", {})
+        insert_job(database, f"purge-{n}", "image_conversion", {})
     run_client(jobs_env, "import cl_tasks\nfor n in range(3): cl_tasks.submit_job('image_conversion', {})\n")
     purged = celery(jobs_env, "purge", "-f", "-Q", "image_conversion")
     assert "Purged 3 messages" in purged
