@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterable
 
 from celery import Celery
 
-from cl_tasks.jobs import Job, JobStore
+from cl_tasks.jobs import DiskFull, Job, JobStore
 from cl_tasks.settings import Settings
+from transports.store import DatabaseFull
 from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Intake(threading.Thread):
                     last_id = self.scan(after_id=0)
                 else:
                     last_id = max(last_id, self.scan(after_id=last_id))
+            except (DiskFull, DatabaseFull) as exc:
+                logger.error("intake of queued jobs waits: %s", exc)
             except Exception:
                 logger.exception("intake of queued jobs failed; retrying")
             self._wait(next_full_scan - time.monotonic())

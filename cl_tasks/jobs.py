@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 
 metadata = MetaData()
 jobs = Table(
@@ -105,10 +107,16 @@ REQUIRED_COLUMNS = frozenset(
 )
 #: Seconds SQLite waits for another writer before failing.
 SQLITE_BUSY_TIMEOUT = 60.0
+#: PostgreSQL's SQLSTATE for "could not extend file: No space left on device".
+POSTGRESQL_DISK_FULL = "53100"
 
 
 class JobsTableError(RuntimeError):
     """Raised when the ``jobs`` table exists but lacks a column the worker needs."""
+
+
+class DiskFull(RuntimeError):
+    """Raised when a write fails because the database's disk is full; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -213,9 +221,24 @@ class JobStore:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
-        with self.engine.begin() as conn:
-            yield conn
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); a full disk raises :class:`DiskFull`."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            if not _is_disk_full(exc.orig):
+                raise
+            raise self._disk_full() from exc
+
+    def _disk_full(self) -> DiskFull:
+        """:class:`DiskFull` naming this database and where space must be freed."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database:
+            where = url.database
+            disk = f"the filesystem of {os.path.dirname(os.path.abspath(where))}"
+        else:
+            where, disk = url.render_as_string(), "the database server"
+        return DiskFull(f"cannot write the jobs table in {where}: the disk is full; free space on {disk}")
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -410,6 +433,13 @@ class JobStore:
                 conn.execute(delete(leases).where(leases.c.job_id == job_id))
                 conn.execute(delete(intake).where(intake.c.job_id == job_id))
         return bool(changed)
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether a driver error says the disk is full (SQLite or PostgreSQL)."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return getattr(error, "sqlstate", None) == POSTGRESQL_DISK_FULL
 
 
 _store: JobStore | None = None

@@ -15,28 +15,34 @@ worker holds is retried when that worker's lease would run out.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
+from sqlalchemy.exc import SQLAlchemyError
 
 from cl_tasks import hooks
 from cl_tasks.app import app
-from cl_tasks.jobs import JobStore, job_store
+from cl_tasks.jobs import DiskFull, JobStore, job_store
 from cl_tasks.modules import Module, ModuleError, discover, venv_python
 from cl_tasks.paths import confine
 from cl_tasks.runner import JobError, RunnerPool
 from cl_tasks.settings import current
 
+logger = logging.getLogger(__name__)
+
 #: Seconds between progress writes to the database and the result backend.
 PROGRESS_EVERY = 0.5
+#: Seconds between tries of a job's claim or end while the database's disk is full.
+DISK_FULL_RETRY = 2.0
 #: Highest Celery priority (the SQLite broker and RabbitMQ queues use 0-9).
 MAX_PRIORITY = 9
 
@@ -154,8 +160,13 @@ class _Progress:
             return
         self._last_sent, self._last_value = now, progress
         job_id = self._task.request.id
-        self._store.set_progress(job_id, self._owner, int(progress))
-        self._task.update_state(state="PROGRESS", meta={"job_id": job_id, "progress": progress})
+        try:
+            self._store.set_progress(job_id, self._owner, int(progress))
+            self._task.update_state(state="PROGRESS", meta={"job_id": job_id, "progress": progress})
+        except (DiskFull, SQLAlchemyError) as exc:
+            # Progress is a hint: the job goes on; its end is what must be written.
+            logger.warning("progress %.0f%% of job %s not recorded: %s", progress, job_id, exc)
+            return
         self._task.send_event("task-progress", progress=progress)
         hooks.job_progress.send(sender=self._task.name, job_id=job_id, progress=progress)
 
@@ -166,10 +177,10 @@ def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
     store = job_store()
     job_id = task.request.id
     owner = f"{task.request.hostname}:{os.getpid()}:{job_id}"
-    claim = store.claim(job_id, owner, settings.job_lease)
+    claim = _written(lambda: store.claim(job_id, owner, settings.job_lease))
     if claim.outcome == "missing":
-        store.create(job_id, task.name, params)
-        claim = store.claim(job_id, owner, settings.job_lease)
+        _written(lambda: store.create(job_id, task.name, params))
+        claim = _written(lambda: store.claim(job_id, owner, settings.job_lease))
     if claim.outcome == "done":
         raise Ignore()
     if claim.outcome == "busy":
@@ -188,13 +199,30 @@ def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
         except Exception as exc:
             _fail(store, task, owner, f"internal error in the worker: {exc!r}")
             raise
-    if store.complete(job_id, owner, output):
+    if _written(lambda: store.complete(job_id, owner, output)):
         hooks.job_completed.send(sender=task.name, job_id=job_id, output=output)
     return output
 
 
+_T = TypeVar("_T")
+
+
+def _written(write: Callable[[], _T]) -> _T:
+    """``write()``, tried again while the database's disk is full.
+
+    The job waits with its message unacked (a full disk is the operator's to
+    fix, not the job's fault), so it neither ends ``error`` nor gets lost.
+    """
+    while True:
+        try:
+            return write()
+        except DiskFull as exc:
+            logger.error("%s; the job waits, trying again in %.0f s", exc, DISK_FULL_RETRY)
+            time.sleep(DISK_FULL_RETRY)
+
+
 def _fail(store: JobStore, task: ComputeTask, owner: str, message: str) -> None:
-    if store.fail(task.request.id, message, owner):
+    if _written(lambda: store.fail(task.request.id, message, owner)):
         hooks.job_failed.send(sender=task.name, job_id=task.request.id, message=message)
 
 

@@ -22,6 +22,11 @@ Features
   in ``select`` and costs nothing. ``polling_interval`` is only the fallback.
 * Asynchronous: the watch's descriptor joins Celery's event loop, so workers
   run the non-blocking loop (and prefork's non-blocking pool) as on Redis.
+* Full disk: a write refused with SQLite's "database or disk is full" raises
+  :class:`~transports.store.DatabaseFull`, whose message names the file and
+  says to free space. Claims then deliver nothing (no reconnect, so running
+  tasks keep their leases), acks and releases are retried by the lease keeper;
+  the messages stay in the database and flow again once space is freed.
 
 Connection string
 =================
@@ -84,7 +89,7 @@ from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.transport.virtual.base import NotEquivalentError
 
-from transports.store import Claimed, DatabaseUnavailable, Store
+from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Store
 from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
@@ -168,15 +173,15 @@ class QoS(virtual.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         message = self._delivered.get(delivery_tag)
-        if message is not None and not self.channel.store.ack(message.row_id, self.channel.owner):
-            logger.warning("ack of message %s came after its lease ran out", message.row_id)
+        if message is not None:
+            self.channel.settle(message.row_id, ack=True)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self._delivered.get(delivery_tag)
         if message is not None:
             if requeue:
-                self.channel.store.release([message.row_id], self.channel.owner)
+                self.channel.settle(message.row_id, ack=False)
             else:
                 self.channel.dead_letter(message, "rejected without requeue")
         self._quick_ack(delivery_tag)
@@ -218,6 +223,8 @@ class Channel(virtual.Channel):
         self._next_extend = 0.0
         self._next_touch = 0.0
         self._rotation = 0
+        #: Rows whose ack (True) or release (False) the database refused; upkeep retries them.
+        self._unsettled: dict[int, bool] = {}
 
     # -- entities -------------------------------------------------------------
 
@@ -404,7 +411,13 @@ class Channel(virtual.Channel):
 
     def _claim(self, queue: str, limit: int, no_ack: bool) -> list[Claimed]:
         owner = None if no_ack else self.owner
-        return self.store.claim(queue, owner=owner, limit=limit, lease=self.options.visibility_timeout)
+        try:
+            return self.store.claim(queue, owner=owner, limit=limit, lease=self.options.visibility_timeout)
+        except DatabaseFull as exc:
+            # Not a lost connection (reconnecting would not help, and would drop the leases
+            # of running tasks): the messages wait in the database, claimed at a later poll.
+            logger.error("%s; claims from queue %r wait", exc, queue)
+            return []
 
     def _envelope(self, claimed: Claimed, queue: str) -> dict[str, Any] | None:
         if claimed.payload is None:
@@ -432,6 +445,27 @@ class Channel(virtual.Channel):
             self.qos.append(message, message.delivery_tag)
         return message
 
+    def settle(self, row_id: int, *, ack: bool) -> None:
+        """Ack (delete) or release a claimed row; if the database refuses now, upkeep retries.
+
+        Either way the message leaves the QoS, so a failed ack (a full disk) never
+        holds a prefetch slot for ever.
+        """
+        try:
+            self._settle(row_id, ack)
+        except sqlite3.Error as exc:
+            self._unsettled[row_id] = ack
+            action = "ack" if ack else "release"
+            logger.warning(
+                "SQLite broker: %s of message %s failed, retried until done: %s", action, row_id, exc
+            )
+
+    def _settle(self, row_id: int, ack: bool) -> None:
+        if not ack:
+            self.store.release([row_id], self.owner)
+        elif not self.store.ack(row_id, self.owner):
+            logger.warning("ack of message %s came after its lease ran out", row_id)
+
     def dead_letter(self, message: SQLiteMessage, reason: str) -> None:
         """Move ``message`` (claimed by this channel) to the dead-letter table."""
         queue = message.consumed_from or message.delivery_info.get("routing_key", "")
@@ -450,7 +484,10 @@ class Channel(virtual.Channel):
     # -- upkeep (called from the keeper thread) -----------------------------------
 
     def upkeep(self, now: float) -> None:
-        """Extend our leases, keep consumed queues from expiring, sweep when due."""
+        """Settle refused acks and releases, extend our leases, keep queues alive, sweep when due."""
+        for row_id, ack in list(self._unsettled.items()):
+            self._settle(row_id, ack)
+            del self._unsettled[row_id]
         options = self.options
         if now >= self._next_extend and self._qos is not None and self._qos.holds_messages():
             self.store.extend(self.owner, options.visibility_timeout)
@@ -506,6 +543,8 @@ class LeaseKeeper:
                 try:
                     if not channel.closed:
                         channel.upkeep(time.time())
+                except DatabaseFull as exc:
+                    logger.error("%s; lease upkeep retries in %.2fs", exc, tick)
                 except Exception:
                     logger.exception("SQLite broker: lease upkeep failed; retrying in %.2fs", tick)
             time.sleep(tick)

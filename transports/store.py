@@ -22,16 +22,20 @@ Tables:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS {p}message (
@@ -164,6 +168,14 @@ QUEUE_EXPIRY_RECHECK = 60.0
 
 class DatabaseUnavailable(Exception):
     """Raised at connect when the database file cannot be used (path, rights, format)."""
+
+
+class DatabaseFull(sqlite3.OperationalError):
+    """Raised when a write fails because the disk holding the database is full.
+
+    Still an ``OperationalError``, so kombu and Celery treat it as a lost
+    connection and try again; its message names the file and the fix.
+    """
 
 
 @dataclass(frozen=True)
@@ -327,12 +339,37 @@ class Store:
         (its first opcode), so it is as safe as ``BEGIN IMMEDIATE`` and costs one
         call instead of three.
         """
-        cursor = self.conn.execute(self.sql(statement), params)
-        rows = cursor.fetchall()
+        conn = self.conn
+        with self._writing(conn):
+            cursor = conn.execute(self.sql(statement), params)
+            rows = cursor.fetchall()
+        self._count_write()
+        return rows, cursor.rowcount
+
+    @contextmanager
+    def _writing(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """A failed write ends its transaction; SQLite's "disk is full" becomes :class:`DatabaseFull`.
+
+        (After a failed COMMIT SQLite may keep the transaction open, and every
+        later ``BEGIN`` on the connection would fail.)
+        """
+        try:
+            yield
+        except BaseException as exc:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise DatabaseFull(
+                    f"SQLite broker: cannot write {self.path}: the disk is full;"
+                    f" free space on the filesystem of {self.path.parent} (messages wait until then)"
+                ) from exc
+            raise
+
+    def _count_write(self) -> None:
         self.local_writes += 1
         if self.local_writes % WAL_CHECK_EVERY == 0:
             self._bound_wal()
-        return rows, cursor.rowcount
 
     def _bound_wal(self) -> None:
         """Past ``wal_size_limit``, checkpoint with TRUNCATE: the file starts over, empty.
@@ -348,11 +385,21 @@ class Store:
         except FileNotFoundError:
             return
         if size > self._wal_size_limit:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                # The write before committed: it must not look failed. The next look tries again.
+                logger.warning("SQLite broker: checkpoint of %s failed, retried later: %s", self.path, exc)
 
-    def transaction(self, conn: sqlite3.Connection | None = None) -> _Transaction:
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A ``BEGIN IMMEDIATE`` write transaction (never a deferred one, see DESIGN.md)."""
-        return _Transaction(self, conn or self.conn)
+        conn = conn or self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        with self._writing(conn):
+            yield conn
+            conn.execute("COMMIT")
+        self._count_write()
 
     def change_token(self) -> tuple[int, int]:
         """A value that differs whenever any connection committed to the file."""
@@ -551,24 +598,3 @@ class Store:
             conn.execute(self.sql(SWEEP_DEAD_LETTERS), (now - dead_letter_retention,))
         self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return removed
-
-
-class _Transaction:
-    """Context manager for ``BEGIN IMMEDIATE`` … ``COMMIT``/``ROLLBACK``."""
-
-    def __init__(self, store: Store, conn: sqlite3.Connection) -> None:
-        self._store = store
-        self._conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._conn.execute("BEGIN IMMEDIATE")
-        return self._conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self._conn.execute("COMMIT")
-            self._store.local_writes += 1
-            if self._store.local_writes % WAL_CHECK_EVERY == 0:
-                self._store._bound_wal()
-        else:
-            self._conn.execute("ROLLBACK")

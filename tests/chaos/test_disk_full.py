@@ -1,0 +1,199 @@
+"""A full disk: the database's filesystem runs out of space mid-run, then space comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.conftest import (
+    broker_left,
+    count,
+    freeze,
+    ledger_runs,
+    query,
+    statuses,
+    thaw,
+    wait_until,
+)
+from tests.conftest import (
+    TEST_MODULES,
+    TEST_VENVS,
+    Worker,
+    insert_job,
+    make_api_database,
+    run_client,
+    subprocess_env,
+)
+
+pytestmark = pytest.mark.chaos
+
+StartWorker = Callable[..., Worker]
+
+TASK = "ledger_echo"
+#: Size of the database's filesystem.
+DISK_SIZE = "8m"
+QUICK = {"ledger_path": "ledger/ledger.txt"}
+#: Three seconds of work, reporting progress every half second (so it writes while the disk is full).
+SLOW = {"ledger_path": "ledger/ledger.txt", "steps": 6, "seconds": 0.5}
+#: Seconds the disk stays full: past the job lease (3 s) and the message lease (4 s).
+FULL_SECONDS = 8.0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """CL_SERVER_DIR on a tmpfs of 8 MiB; its ``ledger`` folder is bind-mounted from the real disk.
+
+    The ledger must record every execution while the database's disk is full, and job
+    paths must stay inside CL_SERVER_DIR: a bind mount is both.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "data"
+    ledger_disk = tmp_path / "ledger-disk"
+    disk.mkdir()
+    ledger_disk.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0700", "tmpfs", str(disk)], check=True
+    )
+    try:
+        (disk / "ledger").mkdir()
+        subprocess.run(["mount", "--bind", str(ledger_disk), str(disk / "ledger")], check=True)
+        try:
+            yield disk
+        finally:
+            subprocess.run(["umount", "-l", str(disk / "ledger")], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a filler file until the filesystem says ENOSPC; returns it."""
+    filler = disk / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(descriptor, b"\0" * size)
+    finally:
+        os.close(descriptor)
+    with pytest.raises(OSError) as full:
+        (disk / "probe").write_bytes(b"\0")
+    assert full.value.errno == errno.ENOSPC
+    (disk / "probe").unlink()
+    return filler
+
+
+def checkpoint(database: Path) -> bool:
+    """Checkpoint the WAL and truncate it to nothing; False if a reader or writer was in the way."""
+    conn = sqlite3.connect(database, timeout=0.5)
+    try:
+        return bool(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0)
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+def freeze_quiet(worker: Worker, database: Path) -> None:
+    """Freeze ``worker`` at a moment it holds no lock and no read snapshot of the database."""
+    for _ in range(100):
+        freeze(worker)
+        if checkpoint(database):
+            return
+        thaw(worker)
+        time.sleep(0.05)
+    raise AssertionError("the worker was never quiet long enough to checkpoint")
+
+
+CLIENT = f"""
+import json, cl_tasks
+print(json.dumps([cl_tasks.submit_job("{TASK}", {QUICK!r}).id for _ in range(3)]))
+"""
+
+
+def test_a_full_disk_loses_nothing_and_the_worker_carries_on_after(
+    small_disk: Path, start_worker: StartWorker
+) -> None:
+    """Nothing is lost or wrongly ended while the disk is full; every job completes after.
+
+    A job whose runner was at work when the disk filled may run twice (at-least-once):
+    the disk stays full past its lease, so once space is back its message is delivered
+    again and the job taken over while the first run still waits to record its end.
+    """
+    database = small_disk / "media_store.db"
+    ledger = small_disk / "ledger" / "ledger.txt"
+    make_api_database(database)
+    env = subprocess_env(
+        CL_SERVER_DIR=str(small_disk),
+        COMPUTE_MODULES_DIR=str(TEST_MODULES),
+        COMPUTE_VENV_DIR=str(TEST_VENVS),
+        CELERY_BROKER_URL=f"sqlite:///{database}?visibility_timeout=4&polling_interval=0.5",
+        JOB_LEASE_SECONDS="3",
+        WORKER_POLL_INTERVAL="1",
+        BROADCAST_TYPE="noop",
+    )
+    worker = start_worker(env, "-Q", TASK, "-c", "3")
+    # Given a worker that ran some jobs
+    for n in range(4):
+        insert_job(database, f"warm-{n}", TASK, QUICK)
+    wait_until(lambda: statuses(database)["completed"] == 4, 60, "the first jobs completed")
+    # And is running two slow jobs, with a free process
+    for n in range(2):
+        insert_job(database, f"running-{n}", TASK, SLOW)
+    wait_until(lambda: statuses(database)["processing"] == 2, 60, "two jobs running")
+    # When, while it is frozen, the API inserts three rows, a client submits three jobs
+    # (rows and messages) and the disk fills up
+    freeze_quiet(worker, database)
+    try:
+        for n in range(3):
+            insert_job(database, f"api-{n}", TASK, QUICK)
+        submitted = json.loads(run_client(env, CLIENT))
+        # An empty -wal file: no write can reuse room in it while the disk is full
+        assert checkpoint(database)
+        filler = fill(small_disk)
+    finally:
+        thaw(worker)
+    job_ids = {f"warm-{n}" for n in range(4)} | {"running-0", "running-1"}
+    job_ids |= {f"api-{n}" for n in range(3)} | set(submitted)
+    assert len(job_ids) == 12
+    time.sleep(FULL_SECONDS)
+    # Then the worker lives on and says what is wrong, where, and what to do
+    assert worker.process.poll() is None
+    log = worker.text()
+    assert f"the disk is full; free space on the filesystem of {small_disk}" in log
+    assert "intake of queued jobs waits: cannot write the jobs table" in log
+    assert f"SQLite broker: cannot write {database}: the disk is full" in log
+    # And no job is marked completed (or error) that did not run to its end
+    assert statuses(database)["error"] == 0
+    done = {
+        str(job_id) for (job_id,) in query(database, "SELECT job_id FROM jobs WHERE status = 'completed'")
+    }
+    assert done <= set(ledger_runs(ledger))
+    # And when space comes back, every job completes: no row and no message was lost
+    filler.unlink()
+    wait_until(
+        lambda: statuses(database)["completed"] + statuses(database)["error"] == 12, 90, "every job ended"
+    )
+    rows = query(database, "SELECT job_id, status, error_message FROM jobs")
+    assert {str(job_id) for job_id, _, _ in rows} == job_ids
+    assert [row for row in rows if row[1] != "completed"] == []
+    runs = ledger_runs(ledger)
+    assert set(runs) == job_ids
+    twice = {job_id for job_id, n in runs.items() if n > 1}
+    assert twice <= {"running-0", "running-1"} and max(runs.values()) <= 2, runs
+    wait_until(lambda: broker_left(database, TASK) == 0, 30, "every message acked")
+    assert count(database, "SELECT count(*) FROM cl_tasks_job_lease") == 0
+    assert count(database, "SELECT count(*) FROM cl_tasks_intake") == 0
+    assert count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
+    assert worker.process.poll() is None
+    print(f"disk full: ran twice {sorted(twice)}; traceback lines in the log: {log.count('Traceback')}")
