@@ -6,6 +6,11 @@ with mode 0600, so the embedded default works on a fresh machine. A client
 (``.delay``, ``cl-tasks submit``) never creates them: on a missing folder the
 broker names the path and the fix. A ``DATABASE_URL`` outside
 ``CL_SERVER_DIR`` is never created either.
+
+The app is :class:`cl_tasks.messages.App` and its workers use
+:class:`cl_tasks.messages.Consumer`: clients refuse to publish a serializer the
+workers refuse (pickle) or oversized job params, and a worker refuses a
+malformed message (dead letter) instead of stopping on it.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery, signals
+from celery import signals
 
 import transports  # noqa: F401 - registers the ``sqlite://`` broker alias
 from cl_tasks import flower_support
+from cl_tasks.messages import App
 
-app = Celery("cl_tasks")
+app = App("cl_tasks")
 app.config_from_object("celeryconfig")
 app.conf.task_routes = ("cl_tasks.tasks.route",)
+app.conf.worker_consumer = "cl_tasks.messages:Consumer"
 # Under `celery -A cl_tasks flower`, Flower is loaded before the app: teach it our broker.
 flower_support.install()
 

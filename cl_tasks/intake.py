@@ -9,8 +9,11 @@ databases, and for rows set back to ``queued`` by an update, it relies on the
 full scan every ``WORKER_POLL_INTERVAL`` seconds. Reservations whose publisher
 died before publishing are dropped after a minute and published again.
 
-A row whose ``params`` is not a JSON object ends ``error`` at once. A row of a
-task type no worker runs stays ``queued`` until a worker for it starts.
+A row whose ``params`` is not a JSON object, or is past ``JOB_PARAMS_MAX_BYTES``
+(as stored, or as the JSON that would cross the broker), ends ``error`` at once.
+A ``priority`` that is not a number is logged and the job runs at the default
+priority (it orders jobs; it is not the job's input). A row of a task type no
+worker runs stays ``queued`` until a worker for it starts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable, Iterable
 from celery import Celery
 
 from cl_tasks.jobs import DiskFull, Job, JobStore
+from cl_tasks.messages import params_size, params_too_large
 from cl_tasks.settings import Settings
 from transports.store import DatabaseFull
 from transports.wakeup import CommitWatch
@@ -102,15 +106,25 @@ class Intake(threading.Thread):
         return top
 
     def publish(self, job: Job) -> None:
+        limit = self._settings.job_params_max_bytes
+        stored = job.params.encode("utf-8") if isinstance(job.params, str) else bytes(job.params)
+        problem = params_too_large(len(stored), limit)
+        if problem:
+            self._store.fail(job.job_id, problem)
+            return
         try:
-            params = json.loads(job.params)
+            params = json.loads(stored)
         except ValueError as exc:
             self._store.fail(job.job_id, f"params is not valid JSON ({exc}); fix the row's params")
             return
         if not isinstance(params, dict):
             self._store.fail(job.job_id, "params must be a JSON object of the job's parameters")
             return
-        priority = None if job.priority is None else max(0, min(9, int(job.priority)))
+        problem = params_too_large(params_size(params), limit)
+        if problem:
+            self._store.fail(job.job_id, problem)
+            return
+        priority = self._priority(job)
         # The row exists and is reserved: the publish hook need not write it again.
         self._app.send_task(
             job.task_type,
@@ -121,3 +135,17 @@ class Intake(threading.Thread):
             headers={INTAKE_HEADER: True},
         )
         logger.info("queued job %s (%s) published", job.job_id, job.task_type)
+
+    @staticmethod
+    def _priority(job: Job) -> int | None:
+        if job.priority is None:
+            return None
+        try:
+            return max(0, min(9, int(job.priority)))
+        except (TypeError, ValueError, OverflowError):
+            logger.warning(
+                "job %s has priority %r, not a number from 0 to 9; it runs at the default priority",
+                job.job_id,
+                job.priority,
+            )
+            return None

@@ -18,10 +18,12 @@ Protocol (one JSON object per line, UTF-8):
 * The runner serves jobs until its stdin closes. It is kept warm: one per
   module per worker process, so a job costs the work, not a Python start-up.
 
-Runners start without a shell, in their own session (so a time limit or a
+Runners start without a shell (an argument list: nothing in a job's params
+is ever parsed by a shell), in their own session (so a time limit or a
 revoke stops the whole process group), with a minimal environment (no broker,
 database or MQTT credentials), and die with the worker process that started
-them (``PR_SET_PDEATHSIG``).
+them (``PR_SET_PDEATHSIG``). They start through the :mod:`cl_tasks.sandbox`
+launcher, which confines their writes before it execs the runner.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cl_tasks.modules import Module
+from cl_tasks.sandbox import Confinement
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def _die_with_parent() -> None:
 class Runner:
     """One warm runner subprocess of one module."""
 
-    def __init__(self, module: Module, python: Path, root: Path) -> None:
+    def __init__(self, module: Module, python: Path, root: Path, confinement: Confinement) -> None:
         self.module = module
         env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         env.update(PATH=f"{python.parent}:/usr/bin:/bin", HOME=str(module.path), PYTHONUNBUFFERED="1")
@@ -70,7 +73,7 @@ class Runner:
         self.root = root
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.process = subprocess.Popen(
-            [str(python), str(module.runner)],
+            confinement.command(python, module.runner),
             cwd=module.path,
             env=env,
             stdin=subprocess.PIPE,
@@ -153,13 +156,13 @@ class RunnerPool:
         self._runners: dict[str, Runner] = {}
         self._pid = os.getpid()
 
-    def get(self, module: Module, python: Path, root: Path) -> Runner:
+    def get(self, module: Module, python: Path, root: Path, confinement: Confinement) -> Runner:
         if self._pid != os.getpid():
             self._runners = {}
             self._pid = os.getpid()
         runner = self._runners.get(module.name)
         if runner is None or not runner.alive():
-            runner = self._runners[module.name] = Runner(module, python, root)
+            runner = self._runners[module.name] = Runner(module, python, root, confinement)
         return runner
 
     def discard(self, module: Module) -> None:

@@ -11,17 +11,25 @@ the job's ``params`` as keyword arguments and returns its ``task_output``::
 Each creates the ``jobs`` row too (job_id = task id; see ``cl_tasks.signals``).
 A delivery of a job that already ended is dropped; one whose job another live
 worker holds is retried when that worker's lease would run out.
+
+Params past ``JOB_PARAMS_MAX_BYTES`` are refused by the client before anything
+is written (:mod:`cl_tasks.messages`), and again here, for messages from clients
+with a larger limit: the job ends ``error`` naming the limit. Runners are
+confined by :mod:`cl_tasks.sandbox`: they write only in ``CL_SERVER_DIR`` and
+the temp folder, and never into a module venv or module folder.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Task
@@ -32,9 +40,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from cl_tasks import hooks
 from cl_tasks.app import app
 from cl_tasks.jobs import DiskFull, JobStore, job_store
+from cl_tasks.messages import params_size, params_too_large
 from cl_tasks.modules import Module, ModuleError, discover, venv_python
 from cl_tasks.paths import confine
 from cl_tasks.runner import JobError, RunnerPool
+from cl_tasks.sandbox import Confinement
 from cl_tasks.settings import current
 
 logger = logging.getLogger(__name__)
@@ -63,8 +73,18 @@ class ComputeTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
 
+    def __call__(self, /, *args: Any, **params: Any) -> Any:
+        # Celery's own __call__ takes ``self`` as a keyword too, so a job parameter named
+        # "self" failed inside Celery with a TypeError. In a worker the tracer has pushed
+        # the request already: run directly, as Celery's __call__ would.
+        request = self.request_stack.top
+        if request is not None and not request.called_directly:
+            return self.run(*args, **params)
+        return super().__call__(*args, **params)
 
-def _compute(self: ComputeTask, *args: Any, **params: Any) -> Any:
+
+def _compute(self: ComputeTask, /, *args: Any, **params: Any) -> Any:
+    # ``self`` is positional-only, so a job may have a parameter called "self".
     if args:
         raise JobError(f"{self.name} takes keyword arguments (the job's params), not positional ones")
     return execute(self, params)
@@ -97,7 +117,8 @@ image_conversion = register("image_conversion")
 def submit_job(task_type: str, params: dict[str, Any], priority: int | None = None) -> AsyncResult:
     """Submit a job like the API service does, through Celery; returns its AsyncResult.
 
-    ``priority`` is 0 (lowest) to 9 (highest).
+    ``priority`` is 0 (lowest) to 9 (highest). Params past ``JOB_PARAMS_MAX_BYTES``
+    raise :class:`cl_tasks.messages.JobParamsTooLarge` (from ``app.send_task``).
     """
     if not isinstance(params, dict):
         raise TypeError("params must be a dict of the job's parameters")
@@ -226,17 +247,30 @@ def _fail(store: JobStore, task: ComputeTask, owner: str, message: str) -> None:
         hooks.job_failed.send(sender=task.name, job_id=task.request.id, message=message)
 
 
+@cache
+def _confinement() -> Confinement:
+    """Where runners of this worker may write, and what stays read-only for them."""
+    settings = current()
+    return Confinement(
+        writable=(settings.server_dir, Path(tempfile.gettempdir())),
+        read_only=(settings.venv_dir, settings.modules_dir),
+    )
+
+
 def _run(task: ComputeTask, params: dict[str, Any], owner: str) -> Any:
     settings = current()
     module = compute_modules().get(task.name)
     if module is None:
         raise JobError(f"no compute module for task type {task.name} on this worker")
+    problem = params_too_large(params_size(params), settings.job_params_max_bytes)
+    if problem:
+        raise JobError(problem)
     confined = confine(params, settings.server_dir)
     try:
         python = venv_python(settings.venv_dir, module)
     except ModuleError as exc:
         raise JobError(str(exc)) from exc
-    runner = _runners.get(module, python, settings.server_dir)
+    runner = _runners.get(module, python, settings.server_dir, _confinement())
     try:
         return runner.run(task.request.id, task.name, confined, _Progress(task, job_store(), owner))
     except JobError:

@@ -4,12 +4,17 @@ ledger_echo: appends the job id to params["ledger_path"], reports progress in
 ``steps`` steps ``seconds`` apart, returns {"echo": params.get("echo")}.
 misbehave: params["mode"] = "garbage" (prints a non-JSON line), "crash" (exits 3),
 "env" (returns the environment it got), "hang" (writes its pid to
-params["pid_path"], then sleeps forever).
+params["pid_path"], then sleeps forever), "write_other_venv" (tries to create a
+file in every folder beside its own venv, in its own venv's site-packages and
+at every path of params["targets"], then returns {"writes": {path: outcome}}:
+"written" or "refused: <errno name>").
 """
 
+import errno
 import json
 import os
 import sys
+import sysconfig
 import time
 
 
@@ -28,6 +33,22 @@ def ledger_echo(job_id, params):
     return {"echo": params.get("echo")}
 
 
+def try_writes(targets):
+    venvs = os.path.dirname(sys.prefix)
+    folders = [os.path.join(venvs, name) for name in sorted(os.listdir(venvs))]
+    paths = [os.path.join(folder, "planted-by-misbehave") for folder in folders if os.path.isdir(folder)]
+    paths.append(os.path.join(sysconfig.get_paths()["purelib"], "planted-by-misbehave.pth"))
+    outcome = {}
+    for path in [*paths, *targets]:
+        try:
+            with open(path, "w") as planted:
+                planted.write("import os\n")
+            outcome[path] = "written"
+        except OSError as exc:
+            outcome[path] = f"refused: {errno.errorcode.get(exc.errno, exc.errno)}"
+    return outcome
+
+
 def misbehave(job_id, params):
     mode = params.get("mode")
     if mode == "garbage":
@@ -36,6 +57,8 @@ def misbehave(job_id, params):
     if mode == "crash":
         print("crashing on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
+    if mode == "write_other_venv":
+        return {"writes": try_writes(params.get("targets", []))}
     if mode == "hang":
         with open(params["pid_path"], "w") as out:
             out.write(str(os.getpid()))

@@ -1,0 +1,152 @@
+"""What crosses the broker: JSON task messages of a bounded size, and nothing a worker trips on.
+
+Client side (:class:`App`, the ``cl_tasks`` Celery app):
+
+* A task is published only in a serializer the workers accept
+  (``accept_content``, JSON): ``send_task(..., serializer="pickle")``,
+  ``apply_async(serializer="pickle")`` or a ``task_serializer`` edited to pickle
+  raise :class:`~kombu.exceptions.ContentDisallowed` before anything is sent.
+  (Celery itself checks ``accept_content`` only when it reads a message, so a
+  client would publish pickle and leave the worker to refuse it.)
+* A compute job whose params JSON is past ``JOB_PARAMS_MAX_BYTES`` raises
+  :class:`JobParamsTooLarge` before its ``jobs`` row or its message is written.
+
+Worker side (:class:`Consumer`, set as ``worker_consumer``):
+
+* A protocol-2 task message whose body decodes but is not ``[args, kwargs,
+  embed]`` (a list, an object, an object) is refused: logged and rejected
+  without requeue, which the SQLite broker keeps in its dead-letter table.
+  Celery would instead fail on it later, or, for a body such as ``5``, stop the
+  whole worker with "Unrecoverable error".
+* Any other exception raised while a message is *received* (headers of the
+  wrong type, a task name that is a list, …) rejects that one message the same
+  way instead of stopping the worker. Broker connection errors still propagate,
+  so Celery reconnects as usual. What happens once a task *runs* is untouched.
+
+Undecodable bodies (not JSON, a refused content type such as pickle) are left
+to Celery and the transport, which already dead-letter them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.serialization import prepare_accept_content
+
+logger = logging.getLogger(__name__)
+
+#: Celery's protocol-2 body: positional args, keyword args, the canvas "embed" object.
+BODY_SHAPE = "[args (a list), kwargs (an object), embed (an object)]"
+
+
+class JobParamsTooLarge(ValueError):
+    """Raised at submit when a job's params are past ``JOB_PARAMS_MAX_BYTES``."""
+
+
+def params_size(params: Any) -> int:
+    """Bytes of ``params`` as JSON (UTF-8), as the ``jobs`` row stores them."""
+    return len(json.dumps(params).encode("utf-8"))
+
+
+def params_too_large(size: int, limit: int) -> str | None:
+    """The user's message when ``size`` bytes of params are past ``limit``, else None."""
+    if size <= limit:
+        return None
+    return (
+        f"params are {size:,} bytes; the limit is JOB_PARAMS_MAX_BYTES={limit:,}:"
+        " pass large data as files under CL_SERVER_DIR (params name them), or raise the limit"
+    )
+
+
+class App(Celery):  # type: ignore[misc]
+    """The Celery app of cl_tasks: refuses to publish what its workers would refuse."""
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        serializer = options.get("serializer") or self.conf.task_serializer
+        accepted = prepare_accept_content(self.conf.accept_content)
+        if not prepare_accept_content([serializer]) <= accepted:
+            raise ContentDisallowed(
+                f"task {name}: serializer {serializer!r} is refused; only {sorted(accepted)}"
+                " crosses the broker (accept_content), so workers would dead-letter the message"
+            )
+        if kwargs:
+            self._check_params_size(name, kwargs)
+        return super().send_task(name, args, kwargs, **options)
+
+    @staticmethod
+    def _check_params_size(name: str, kwargs: Any) -> None:
+        from cl_tasks.settings import current
+        from cl_tasks.tasks import is_compute
+
+        if not is_compute(name):
+            return
+        try:
+            size = params_size(kwargs)
+        except (TypeError, ValueError):
+            return  # not JSON at all: the serializer names the offending value
+        problem = params_too_large(size, current().job_params_max_bytes)
+        if problem:
+            raise JobParamsTooLarge(f"job of task type {name}: {problem}")
+
+
+def body_problem(message: Any) -> str | None:
+    """Why the decoded body of protocol-2 task ``message`` cannot be run, or None."""
+    body = message.payload
+    if isinstance(body, dict) and "args" in body:
+        return None  # a protocol-1 style body: Celery converts and checks it itself
+    if not isinstance(body, (list, tuple)) or len(body) != 3:
+        return f"body is {_kind(body)}, not {BODY_SHAPE}"
+    args, kwargs, embed = body
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        return f"body holds {_kind(args)} and {_kind(kwargs)}, not {BODY_SHAPE}"
+    if embed is not None and not isinstance(embed, dict):
+        return f"body's embed is {_kind(embed)}, not an object"
+    return None
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=repr)[:80]}"
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, with one poisonous message unable to stop the worker."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        receive = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                headers = message.headers
+                if isinstance(headers, dict) and "task" in headers:
+                    problem = body_problem(message)
+                    if problem is not None:
+                        return self._refuse(message, problem)
+                return receive(message)
+            except self.connection_errors:
+                raise
+            except ContentDisallowed as exc:
+                return self.on_invalid_task(None, message, exc)
+            except DecodeError as exc:
+                return self.on_decode_error(message, exc)
+            except Exception as exc:
+                logger.exception("receiving a message failed")
+                return self._refuse(message, f"receiving it failed: {exc!r}")
+
+        return on_task_received
+
+    def _refuse(self, message: Any, reason: str) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        logger.error(
+            "refused task message %r (task %r): %s; rejected without requeue (dead letter)",
+            headers.get("id"),
+            headers.get("task"),
+            reason,
+        )
+        if not message.acknowledged:
+            message.reject_log_error(logger, self.connection_errors)
