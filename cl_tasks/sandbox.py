@@ -179,16 +179,20 @@ def _allow(ruleset: int, path: str, access: int) -> None:
 
 def mount_read_only(folders: Sequence[str]) -> str:
     """Bind-mount ``folders`` read-only in a new mount namespace; returns a note."""
-    if _libc.unshare(CLONE_NEWNS) != 0:
+    try:
+        if _libc.unshare(CLONE_NEWNS) != 0:
+            raise _failed("no mount namespace")
+        _mount(None, "/", MS_REC | MS_SLAVE)
+        for folder in folders:
+            _mount(folder, folder, MS_BIND | MS_REC)
+            kept = os.statvfs(folder).f_flag & KEPT_MOUNT_FLAGS
+            _mount(None, folder, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
+    except OSError as exc:
+        # Not root, or a container policy forbids mounts: an environment's limit, not a bug.
         return (
-            f"{', '.join(folders)} stay writable ({_failed('no mount namespace')}):"
-            " run the worker as root, or keep COMPUTE_VENV_DIR and COMPUTE_MODULES_DIR outside CL_SERVER_DIR"
+            f"{', '.join(folders)} stay WRITABLE ({exc}): run the worker as root, or keep"
+            " COMPUTE_VENV_DIR and COMPUTE_MODULES_DIR outside CL_SERVER_DIR and the temp folder"
         )
-    _mount(None, "/", MS_REC | MS_SLAVE)
-    for folder in folders:
-        _mount(folder, folder, MS_BIND | MS_REC)
-        kept = os.statvfs(folder).f_flag & KEPT_MOUNT_FLAGS
-        _mount(None, folder, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
     return f"read-only: {', '.join(folders)} (mount namespace)"
 
 

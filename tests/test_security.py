@@ -1,0 +1,464 @@
+"""Security: only JSON crosses the broker, jobs stay inside CL_SERVER_DIR, runners are
+confined and see no credentials, files are owner-only, and MQTT credentials never show.
+
+Two workers serve this module:
+
+* ``guarded``: the default layout (venvs under ``CL_SERVER_DIR``, which the worker
+  creates itself) with MQTT username and password against a private Mosquitto, and
+  ``DATABASE_URL`` / ``CELERY_BROKER_URL`` set; it runs the ledger_tools module.
+* ``imaging``: venvs outside ``CL_SERVER_DIR`` (the shared test venvs, with Pillow),
+  for jobs that read and write images through hostile paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+import socket
+import sqlite3
+import stat
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection
+from PIL import Image
+
+from cl_tasks.sandbox import Confinement
+from tests.conftest import PYTHON, TEST_MODULES, TEST_VENVS, Worker, run_client, subprocess_env
+from tests.mqtt_support import PrivateMosquitto, Subscriber, make_password_file
+
+MQTT_USER = "cl-security"
+#: Unique per run, so finding it anywhere means it leaked from this run.
+MQTT_PASSWORD = f"Pw-{secrets.token_hex(8)}"
+#: The variables a runner may see (tests/test_jobs_bad_input.py checks the same set).
+RUNNER_ENV = {"PATH", "HOME", "PYTHONUNBUFFERED", "CL_SERVER_DIR", "LANG", "LC_ALL", "TZ", "TMPDIR"}
+
+
+# -- workers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("security")
+    (folder / "outside").mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / "outside" / "secret.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mosquitto(base: Path) -> Iterator[PrivateMosquitto]:
+    folder = base / "mosquitto"
+    folder.mkdir()
+    broker = PrivateMosquitto(folder, password_file=make_password_file(folder, MQTT_USER, MQTT_PASSWORD))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_env(base: Path, mosquitto: PrivateMosquitto) -> dict[str, str]:
+    data = base / "guarded"
+    database = data / "media_store.db"
+    return subprocess_env(
+        CL_SERVER_DIR=str(data),
+        DATABASE_URL=f"sqlite:///{database}",
+        CELERY_BROKER_URL=f"sqlite:///{database}?polling_interval=0.5",
+        COMPUTE_MODULES_DIR=str(TEST_MODULES),
+        WORKER_POLL_INTERVAL="1",
+        BROADCAST_TYPE="mqtt",
+        MQTT_BROKER="127.0.0.1",
+        MQTT_PORT=str(mosquitto.port),
+        MQTT_USERNAME=MQTT_USER,
+        MQTT_PASSWORD=MQTT_PASSWORD,
+        CAPABILITY_TOPIC_PREFIX="security/workers",
+        MQTT_TOPIC="security/events",
+    )
+
+
+@pytest.fixture(scope="module")
+def guarded(base: Path, guarded_env: dict[str, str]) -> Iterator[Worker]:
+    # Given no CL_SERVER_DIR yet: the worker creates it, the database and the venvs
+    assert not (base / "guarded").exists()
+    worker = Worker(
+        guarded_env, base / "guarded.log", "-n", "guarded@%h", "-c", "2", "-Q", "ledger_echo,misbehave"
+    )
+    worker.wait_ready()
+    wait_for_jobs_table(base / "guarded")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="module")
+def imaging(base: Path) -> Iterator[Worker]:
+    data = base / "imaging"
+    data.mkdir()
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(data / "good.png")
+    env = subprocess_env(
+        CL_SERVER_DIR=str(data),
+        COMPUTE_MODULES_DIR=str(TEST_MODULES),
+        COMPUTE_VENV_DIR=str(TEST_VENVS),
+        WORKER_POLL_INTERVAL="1",
+        BROADCAST_TYPE="noop",
+    )
+    worker = Worker(env, base / "imaging.log", "-n", "imaging@%h", "-c", "1", "-Q", "image_resize,misbehave")
+    worker.wait_ready()
+    wait_for_jobs_table(data)
+    yield worker
+    worker.stop()
+
+
+def wait_for_jobs_table(data: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
+                return
+        assert time.monotonic() < deadline, f"no jobs table in {data}"
+        time.sleep(0.1)
+
+
+def run_row(data: Path, task_type: str, params: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """INSERT a queued row as the API service does; wait until it ends; return it."""
+    job_id = f"sec-{uuid.uuid4().hex[:10]}"
+    conn = sqlite3.connect(data / "media_store.db", timeout=60, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute(
+            "INSERT INTO jobs (job_id, task_type, params, status, created_at) VALUES (?, ?, ?, 'queued', ?)",
+            (job_id, task_type, json.dumps(params), int(time.time() * 1000)),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row["status"] in ("completed", "error"):
+                return dict(row)
+            time.sleep(0.05)
+    finally:
+        conn.close()
+    raise AssertionError(f"job {job_id} ({task_type}, {params}) did not end")
+
+
+def error_of(data: Path, task_type: str, params: dict[str, Any]) -> str:
+    row = run_row(data, task_type, params)
+    assert row["status"] == "error", row
+    return str(row["error_message"])
+
+
+# -- B1. only JSON crosses the broker ------------------------------------------------
+
+
+class CreatesFile:
+    """Unpickling this creates a file: what an attacker's pickle would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickled_task_message_is_dead_lettered_not_run(base: Path, guarded: Worker) -> None:
+    data = base / "guarded"
+    marker = base / "pickle-was-unpickled"
+    job_id = f"pickled-{uuid.uuid4().hex}"
+    # Given a protocol-2 Celery task message whose body is a pickle with a payload
+    body = pickle.dumps(((CreatesFile(marker),), {"ledger_path": "pickle.txt"}, {}))
+    headers = {"lang": "py", "task": "ledger_echo", "id": job_id, "argsrepr": "()", "kwargsrepr": "{}"}
+    # When it is published into the worker's queue
+    with Connection(f"sqlite:///{data / 'media_store.db'}") as conn:
+        conn.Producer().publish(
+            body,
+            routing_key="ledger_echo",
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers=headers,
+        )
+    # Then it is dead-lettered with the reason, and never unpickled nor run
+    reason = wait_dead_letter(data, job_id)
+    assert "ContentDisallowed" in reason and "pickle" in reason, reason
+    assert not marker.exists()
+    with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs WHERE job_id = ?", (job_id,)).fetchone() == (0,)
+    assert not (data / "pickle.txt").exists()
+    # And the worker still serves
+    assert run_row(data, "ledger_echo", {"ledger_path": "after-pickle.txt"})["status"] == "completed"
+
+
+def wait_dead_letter(data: Path, marker: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
+            for payload, reason in conn.execute("SELECT payload, reason FROM kombu_dead_letter"):
+                if marker in payload:
+                    return str(reason)
+        time.sleep(0.05)
+    raise AssertionError(f"message {marker} was not dead-lettered")
+
+
+def test_the_client_refuses_to_send_pickle(base: Path, guarded: Worker, guarded_env: dict[str, str]) -> None:
+    script = """
+from kombu.exceptions import ContentDisallowed
+from cl_tasks import app, image_resize
+params = {"ledger_path": "client-pickle.txt"}
+for send in (lambda: app.send_task("ledger_echo", kwargs=params, serializer="pickle"),
+             lambda: image_resize.apply_async(kwargs=params, serializer="pickle")):
+    try:
+        print("sent", send().id)
+    except ContentDisallowed as exc:
+        print("refused", exc)
+"""
+    lines = run_client(guarded_env, script).splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused") for line in lines), lines
+    assert "serializer 'pickle' is refused; only ['application/json'] crosses the broker" in lines[0]
+    with sqlite3.connect(base / "guarded" / "media_store.db", timeout=60) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs WHERE params LIKE '%client-pickle%'").fetchone() == (
+            0,
+        )
+        assert conn.execute(
+            "SELECT count(*) FROM kombu_message WHERE payload LIKE '%python-serialize%'"
+        ).fetchone() == (0,)
+
+
+# -- B2. jobs stay inside CL_SERVER_DIR -------------------------------------------
+
+
+def resize(**paths: list[str]) -> dict[str, Any]:
+    return {"input_paths": ["good.png"], "output_paths": ["out/ok.png"], "width": 4, "height": 4, **paths}
+
+
+def test_dot_dot_traversal_is_refused(base: Path, imaging: Worker) -> None:
+    data = base / "imaging"
+    message = error_of(data, "image_resize", resize(input_paths=["out/../../outside/secret.png"]))
+    assert "resolves to" in message and f"outside CL_SERVER_DIR {data}" in message, message
+    message = error_of(data, "image_resize", resize(output_paths=["../outside/written.png"]))
+    assert f"resolves to {base / 'outside' / 'written.png'}, outside CL_SERVER_DIR" in message, message
+    assert not (base / "outside" / "written.png").exists()
+
+
+def test_absolute_paths_outside_are_refused(base: Path, imaging: Worker) -> None:
+    data = base / "imaging"
+    secret = base / "outside" / "secret.png"
+    message = error_of(data, "image_resize", resize(input_paths=[str(secret)]))
+    assert message.startswith(f"parameter input_paths[0] '{secret}' resolves to {secret}, outside"), message
+    message = error_of(data, "image_resize", resize(output_paths=[str(base / "outside" / "abs.png")]))
+    assert "outside CL_SERVER_DIR" in message
+    assert not (base / "outside" / "abs.png").exists()
+
+
+def test_a_symlinked_folder_in_the_middle_of_a_path_is_followed_and_refused(
+    base: Path, imaging: Worker
+) -> None:
+    data = base / "imaging"
+    (data / "albums").mkdir(exist_ok=True)
+    (data / "albums" / "shared").symlink_to(base / "outside")
+    message = error_of(data, "image_resize", resize(input_paths=["albums/shared/secret.png"]))
+    assert f"resolves to {base / 'outside' / 'secret.png'}, outside CL_SERVER_DIR" in message, message
+    message = error_of(data, "image_resize", resize(output_paths=["albums/shared/deep/new.png"]))
+    assert "outside CL_SERVER_DIR" in message
+    assert not (base / "outside" / "deep").exists()
+
+
+def test_an_output_path_through_a_symlink_pointing_outside_creates_nothing(
+    base: Path, imaging: Worker
+) -> None:
+    data = base / "imaging"
+    target = base / "outside" / "through-link.png"
+    (data / "result.png").symlink_to(target)  # dangling: the file does not exist yet
+    message = error_of(data, "image_resize", resize(output_paths=["result.png"]))
+    assert f"resolves to {target}, outside CL_SERVER_DIR" in message, message
+    assert not target.exists()
+
+
+def test_a_symlink_that_stays_inside_is_allowed(base: Path, imaging: Worker) -> None:
+    data = base / "imaging"
+    (data / "originals").mkdir(exist_ok=True)
+    (data / "originals" / "good.png").write_bytes((data / "good.png").read_bytes())
+    (data / "latest").symlink_to(data / "originals")
+    row = run_row(
+        data, "image_resize", resize(input_paths=["latest/good.png"], output_paths=["latest/small.png"])
+    )
+    assert row["status"] == "completed", row
+    assert (data / "originals" / "small.png").exists()
+
+
+# -- B3. runners: no credentials, no shell, no writes outside -----------------------
+
+
+def test_runners_get_no_credentials(base: Path, guarded: Worker, guarded_env: dict[str, str]) -> None:
+    row = run_row(base / "guarded", "misbehave", {"mode": "env"})
+    env = json.loads(row["task_output"])["env"]
+    assert set(env) <= RUNNER_ENV, set(env) - RUNNER_ENV
+    secrets_ = [
+        guarded_env[name] for name in ("MQTT_PASSWORD", "MQTT_USERNAME", "DATABASE_URL", "CELERY_BROKER_URL")
+    ]
+    leaked = [value for value in env.values() for secret in secrets_ if secret in value]
+    assert not leaked, leaked
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["; touch shell-1", "$(touch shell-2)", "`touch shell-3`", "| touch shell-4", "&& touch shell-5 #"],
+)
+def test_params_are_never_parsed_by_a_shell(base: Path, guarded: Worker, hostile: str) -> None:
+    data = base / "guarded"
+    marker = hostile.split("touch ")[1].split(maxsplit=1)[0].rstrip(")`")
+    row = run_row(data, "ledger_echo", {"ledger_path": hostile, "echo": hostile})
+    # The whole string is one file name inside CL_SERVER_DIR; nothing ran the command
+    assert row["status"] == "completed", row
+    assert (data / hostile).is_file()
+    for folder in (data, TEST_MODULES / "ledger_tools", Path.cwd(), base):
+        assert not (folder / marker).exists(), folder / marker
+
+
+def planted_files(outcome: dict[str, str]) -> list[Path]:
+    return [Path(path) for path, result in outcome.items() if result == "written"]
+
+
+def test_a_module_cannot_write_into_any_venv_under_cl_server_dir(base: Path, guarded: Worker) -> None:
+    data = base / "guarded"
+    # Given the default layout: every venv lives under CL_SERVER_DIR, which runners may write
+    venvs = data / "venvs"
+    (venvs / "image_tools").mkdir(exist_ok=True)  # another module's venv folder
+    # (the temp folder is writable by design, and pytest's folders are in it: aim elsewhere)
+    inside, outside = data / "allowed.txt", Path("/var/tmp") / f"cl-tasks-planted-{uuid.uuid4().hex}"
+    # When a module tries to write into its own venv, another module's venv and outside
+    row = run_row(data, "misbehave", {"mode": "write_other_venv", "targets": [str(inside), str(outside)]})
+    outcome = json.loads(row["task_output"])["writes"]
+    try:
+        # Then every venv write fails (read-only mount), outside fails (Landlock), inside works
+        for path, result in outcome.items():
+            if path.startswith(str(venvs)):
+                assert result == "refused: EROFS", (path, result)
+        assert str(venvs / "ledger_tools" / "planted-by-misbehave") in outcome
+        assert str(venvs / "image_tools" / "planted-by-misbehave") in outcome
+        assert outcome[str(outside)] == "refused: EACCES"
+        assert outcome[str(inside)] == "written" and inside.is_file()
+    finally:
+        for path in planted_files(outcome):
+            if path != inside:
+                path.unlink()
+    # And the read-only mount lives only in the runner's mount namespace
+    assert str(venvs) not in Path("/proc/self/mountinfo").read_text()
+    assert "(mount namespace); writes confined to" in guarded.text()
+
+
+def test_a_module_cannot_write_into_venvs_outside_cl_server_dir(base: Path, imaging: Worker) -> None:
+    # Given venvs outside CL_SERVER_DIR (the shared test venvs, one with Pillow)
+    targets = [str(TEST_MODULES / "ledger_tools" / "planted.txt"), "/usr/local/planted.txt"]
+    row = run_row(base / "imaging", "misbehave", {"mode": "write_other_venv", "targets": targets})
+    outcome = json.loads(row["task_output"])["writes"]
+    try:
+        # Then Landlock refuses every write there, and into the module folder and the system
+        assert str(TEST_VENVS / "image_tools" / "planted-by-misbehave") in outcome
+        assert outcome and set(outcome.values()) == {"refused: EACCES"}, outcome
+    finally:
+        for path in planted_files(outcome):
+            path.unlink()
+
+
+PROBE = """
+import sys
+for path in sys.argv[1:]:
+    try:
+        with open(path, "w") as planted:
+            planted.write("x")
+        print(path, "written")
+    except OSError as exc:
+        print(path, "refused", exc.errno)
+"""
+
+
+def test_without_mount_rights_the_launcher_says_so_and_still_confines_writes(tmp_path: Path) -> None:
+    # Given the runner launcher run without mount rights (an unprivileged user namespace)
+    data, probe = tmp_path / "data", tmp_path / "probe.py"
+    (data / "venvs" / "other").mkdir(parents=True)
+    probe.write_text(PROBE)
+    outside = Path("/var/tmp") / f"cl-tasks-probe-{uuid.uuid4().hex}"
+    inside, venv = data / "inside.txt", data / "venvs" / "other" / "planted"
+    command = Confinement(writable=(data,), read_only=(data / "venvs",)).command(Path(PYTHON), probe)
+    result = subprocess.run(
+        ["unshare", "--user", "--map-user=65534", *command, str(inside), str(venv), str(outside)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Then it says the venvs stay writable and how to fix it, and Landlock still confines writes
+    assert f"{data / 'venvs'} stay WRITABLE" in result.stderr, result.stderr
+    assert "keep COMPUTE_VENV_DIR and COMPUTE_MODULES_DIR outside CL_SERVER_DIR" in result.stderr
+    assert result.stdout.splitlines() == [f"{inside} written", f"{venv} written", f"{outside} refused 13"]
+    assert not outside.exists()
+
+
+# -- B4. owner-only files; MQTT credentials never show --------------------------------
+
+
+def test_the_worker_creates_owner_only_folders_and_files(base: Path, guarded: Worker) -> None:
+    data = base / "guarded"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("media_store.db", "media_store.db-wal", "media_store.db-shm"):
+        if (data / name).exists() or name == "media_store.db":
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE((data / "venvs").stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "venvs" / "ledger_tools").stat().st_mode) == 0o700
+
+
+def test_mqtt_credentials_never_show(
+    base: Path, guarded: Worker, guarded_env: dict[str, str], mosquitto: PrivateMosquitto
+) -> None:
+    # Given the worker is logged in to the broker with the password (it published its capabilities)
+    subscriber = Subscriber("security/workers/#", mosquitto.port, username=MQTT_USER, password=MQTT_PASSWORD)
+    try:
+        subscriber.wait_for(lambda messages: any(message.payload for message in messages))
+    finally:
+        subscriber.close()
+    run_row(base / "guarded", "misbehave", {"mode": "env"})  # a warm runner to look at
+    # When an operator dumps the worker's configuration
+    conf = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "celery",
+            "-A",
+            "cl_tasks",
+            "inspect",
+            "conf",
+            "-t",
+            "10",
+            "-d",
+            f"guarded@{socket.gethostname()}",
+        ],
+        env=guarded_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # Then the configuration is there, without the password
+    assert "accept_content" in conf.stdout, conf.stdout + conf.stderr
+    assert MQTT_PASSWORD not in conf.stdout + conf.stderr
+    # And neither the log nor any process's argv or any runner's environment has it
+    assert MQTT_PASSWORD not in guarded.text()
+    runners = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # the process ended meanwhile
+        assert MQTT_PASSWORD not in argv, argv
+        if (
+            str(TEST_MODULES / "ledger_tools" / "runner.py") in argv
+            and f"CL_SERVER_DIR={base / 'guarded'}" in environ
+        ):
+            runners += 1
+            assert MQTT_PASSWORD not in environ and "MQTT_" not in environ
+    assert runners >= 1, "no runner of the guarded worker found to check"
+    assert os.environ.get("MQTT_PASSWORD") != MQTT_PASSWORD
