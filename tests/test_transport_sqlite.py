@@ -252,6 +252,25 @@ def test_an_empty_claim_writes_nothing(sqlite_url: str) -> None:
     assert observer.execute("PRAGMA data_version").fetchone() == version
 
 
+def test_acks_made_while_a_batch_is_delivered_are_one_write(sqlite_url: str) -> None:
+    # Celery acks early, inside the delivery callback: eight acks cost one DELETE, not eight.
+    with Connection(sqlite_url) as conn:
+        for n in range(8):
+            publish(conn, f"batched {n}")
+        got: list[object] = []
+        channel = conn.channel()
+        with Consumer(channel, [QUEUE], callbacks=[lambda body, message: (got.append(body), message.ack())]):
+            channel.basic_qos(0, 8, False)
+            store = conn.transport.store
+            before = store.local_writes
+            while len(got) < 8:
+                conn.drain_events(timeout=5)
+            writes = store.local_writes - before
+    assert len(got) == 8
+    assert writes == 2, writes  # the claim of the batch and the DELETE of its acks
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+
+
 def test_ack_from_another_thread(sqlite_url: str) -> None:
     with Connection(sqlite_url) as conn:
         publish(conn, "acked elsewhere")

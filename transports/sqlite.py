@@ -10,7 +10,9 @@ Features
 * Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
   ``expiration``
 * Delivery: at least once. A claim is one ``BEGIN IMMEDIATE`` transaction that
-  leases rows to the consumer; ack deletes the row; reject with requeue puts it
+  leases rows to the consumer; ack deletes the row (acks made while a batch is
+  delivered, or in one round of Celery's event loop, are one DELETE: a crash in
+  that instant means a redelivery, never a loss); reject with requeue puts it
   back at its place; reject without requeue and undecodable messages move to the
   ``{prefix}dead_letter`` table with the reason. A consumer killed with SIGKILL
   loses nothing: its leases run out after ``visibility_timeout`` and another
@@ -225,6 +227,11 @@ class Channel(virtual.Channel):
         self._rotation = 0
         #: Rows whose ack (True) or release (False) the database refused; upkeep retries them.
         self._unsettled: dict[int, bool] = {}
+        #: Acks made while a claimed batch is delivered, or by callbacks of one round of
+        #: the event loop, wait here and go in one DELETE (see :meth:`settle`).
+        self._batching_thread: int | None = None
+        self._batched_acks: list[int] = []
+        self._acks_lock = threading.Lock()
 
     # -- entities -------------------------------------------------------------
 
@@ -393,19 +400,26 @@ class Channel(virtual.Channel):
         queues = list(self._queue_callbacks)
         self._rotation = (self._rotation + 1) % max(len(queues), 1)
         delivered = 0
-        for queue in queues[self._rotation :] + queues[: self._rotation]:
-            room = self.qos.can_consume_max_estimate()
-            limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
-            if limit <= 0:
-                break
-            if not self.store.has_ready(queue):
-                continue
-            deliver = self._queue_callbacks[queue]
-            for claimed in self._claim(queue, limit, queue in self._no_ack_queues):
-                envelope = self._envelope(claimed, queue)
-                if envelope is not None:
-                    deliver(envelope)
-                    delivered += 1
+        # Acks made while the batch is delivered (Celery acks early by default, in the
+        # delivery callback) are deleted together at the end: one write per batch.
+        self._batching_thread = threading.get_ident()
+        try:
+            for queue in queues[self._rotation :] + queues[: self._rotation]:
+                room = self.qos.can_consume_max_estimate()
+                limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
+                if limit <= 0:
+                    break
+                if not self.store.has_ready(queue):
+                    continue
+                deliver = self._queue_callbacks[queue]
+                for claimed in self._claim(queue, limit, queue in self._no_ack_queues):
+                    envelope = self._envelope(claimed, queue)
+                    if envelope is not None:
+                        deliver(envelope)
+                        delivered += 1
+        finally:
+            self._batching_thread = None
+            self.flush_acks()
         if not delivered:
             raise Empty()
 
@@ -451,6 +465,10 @@ class Channel(virtual.Channel):
         Either way the message leaves the QoS, so a failed ack (a full disk) never
         holds a prefetch slot for ever.
         """
+        if ack and self._defer_ack():
+            with self._acks_lock:
+                self._batched_acks.append(row_id)
+            return
         try:
             self._settle(row_id, ack)
         except sqlite3.Error as exc:
@@ -459,6 +477,38 @@ class Channel(virtual.Channel):
             logger.warning(
                 "SQLite broker: %s of message %s failed, retried until done: %s", action, row_id, exc
             )
+
+    def _defer_ack(self) -> bool:
+        """Whether an ack made now can wait for the batch's DELETE.
+
+        Yes inside :meth:`drain_events` (Celery acks early, in the delivery callback),
+        and in the event loop's thread (Celery's acks are loop callbacks; the transport
+        flushes on every tick of the loop, after them, so one round of the loop costs one
+        write). Acks from other threads are written at once. A deferred ack that never
+        reaches the database (a crash within that moment) means a redelivery, not a loss.
+        """
+        if self._batching_thread == threading.get_ident():
+            return True
+        return bool(self.connection.loop_thread == threading.get_ident())
+
+    def flush_acks(self) -> None:
+        """Delete the rows whose acks were deferred, in one statement."""
+        if not self._batched_acks:
+            return
+        with self._acks_lock:
+            row_ids, self._batched_acks = self._batched_acks, []
+        if not row_ids:
+            return
+        try:
+            late = len(row_ids) - self.store.ack_many(row_ids, self.owner)
+        except sqlite3.Error as exc:
+            self._unsettled.update(dict.fromkeys(row_ids, True))
+            logger.warning(
+                "SQLite broker: ack of %d messages failed, retried until done: %s", len(row_ids), exc
+            )
+            return
+        if late:
+            logger.warning("ack of %d messages came after their lease ran out", late)
 
     def _settle(self, row_id: int, ack: bool) -> None:
         if not ack:
@@ -485,6 +535,7 @@ class Channel(virtual.Channel):
 
     def upkeep(self, now: float) -> None:
         """Settle refused acks and releases, extend our leases, keep queues alive, sweep when due."""
+        self.flush_acks()  # a backstop: deferred acks are normally flushed within a loop round
         for row_id, ack in list(self._unsettled.items()):
             self._settle(row_id, ack)
             del self._unsettled[row_id]
@@ -506,6 +557,7 @@ class Channel(virtual.Channel):
     def close(self) -> None:
         if not self.closed and self.connection is not None:
             self.connection.keeper.unregister(self)
+            self.flush_acks()
         super().close()
 
 
@@ -590,6 +642,8 @@ class Transport(virtual.Transport):
         self._watch = CommitWatch(path)
         self._seen: tuple[int, int] | None = None
         self._next_poll = 0.0
+        #: The thread of Celery's event loop, once registered (acks made there are batched).
+        self.loop_thread: int | None = None
 
     def establish_connection(self) -> Any:
         self.store.conn  # noqa: B018 - connect now so a bad path fails here, clearly
@@ -650,11 +704,18 @@ class Transport(virtual.Transport):
         (prefork included, with its non-blocking pool) never blocks in the
         transport and its remote-control queue is served while tasks run.
         """
+        self.loop_thread = threading.get_ident()
+        loop.on_tick.add(self._flush_acks)
         fileno = self._watch.fileno()
         if fileno >= 0:
             loop.add_reader(fileno, self._on_commit, fileno)
         loop.call_repeatedly(self.polling_interval, self._deliver_ready, True)
         loop.call_soon(self._deliver_ready, True)
+
+    def _flush_acks(self) -> None:
+        """Each round of the event loop, after its callbacks (Celery's acks): one DELETE."""
+        for channel in self.channels:
+            channel.flush_acks()
 
     def _on_commit(self, fileno: int) -> None:
         """The commit watch fired: deliver what became ready."""

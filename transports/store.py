@@ -115,6 +115,7 @@ CLAIM = (
 )
 TAKE = "DELETE FROM {p}message WHERE id IN (" + _CLAIMABLE + ") RETURNING id, priority, payload, 1"
 ACK = "DELETE FROM {p}message WHERE id = ? AND lease_owner = ?"
+ACK_MANY = "DELETE FROM {p}message WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
 RELEASE = "UPDATE {p}message SET visible_at = 0, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
 EXTEND = "UPDATE {p}message SET visible_at = ? WHERE lease_owner = ?"
 DEAD_LETTER = (
@@ -461,6 +462,10 @@ class Store:
     def ack(self, row_id: int, owner: str) -> bool:
         """Delete a claimed message; False if the lease was lost to another consumer."""
         return self._write(ACK, (row_id, owner))[1] == 1
+
+    def ack_many(self, row_ids: Sequence[int], owner: str) -> int:
+        """Delete claimed messages in one statement; returns how many were still ours."""
+        return self._write(ACK_MANY, (owner, json.dumps(list(row_ids))))[1]
 
     def release(self, row_ids: Iterable[int], owner: str) -> None:
         """Make claimed messages visible again at their original place."""
