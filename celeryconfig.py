@@ -27,7 +27,12 @@ worker_send_task_events = True
 task_send_sent_event = True
 
 broker_connection_retry_on_startup = True
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout, "polling_interval": 1.0}
+broker_transport_options: dict[str, object] = {
+    "visibility_timeout": _settings.visibility_timeout,
+    "polling_interval": 1.0,
+}
+if broker_url.startswith("sqlite:"):
+    broker_transport_options["synchronous"] = _settings.sqlite_synchronous
 if broker_url.startswith(("redis:", "rediss:")):
     # kombu's Redis transport looks for messages of dead workers only every ~100 s
     # (interval x throttle); look every quarter of the visibility timeout instead.

@@ -98,32 +98,40 @@ class Intake(threading.Thread):
             return top  # no new row: do not take the write lock for nothing
         while types:
             reserved = self._store.reserve_queued(types, after_id=after_id, limit=BATCH)
-            for job in reserved:
-                self.publish(job)
+            published: list[str] = []
+            try:
+                for job in reserved:
+                    if self.publish(job):
+                        published.append(job.job_id)
+            finally:
+                # One write for the batch; a crash before it only means a late republish
+                # (after STALE_RESERVATION), and the job's claim makes that a no-op.
+                self._store.mark_published(published)
             if len(reserved) < BATCH:
                 break
             after_id = reserved[-1].id
         return top
 
-    def publish(self, job: Job) -> None:
+    def publish(self, job: Job) -> bool:
+        """Publish ``job``'s message; False when its row was ended ``error`` instead."""
         limit = self._settings.job_params_max_bytes
         stored = job.params.encode("utf-8") if isinstance(job.params, str) else bytes(job.params)
         problem = params_too_large(len(stored), limit)
         if problem:
             self._store.fail(job.job_id, problem)
-            return
+            return False
         try:
             params = json.loads(stored)
         except ValueError as exc:
             self._store.fail(job.job_id, f"params is not valid JSON ({exc}); fix the row's params")
-            return
+            return False
         if not isinstance(params, dict):
             self._store.fail(job.job_id, "params must be a JSON object of the job's parameters")
-            return
+            return False
         problem = params_too_large(params_size(params), limit)
         if problem:
             self._store.fail(job.job_id, problem)
-            return
+            return False
         priority = self._priority(job)
         # The row exists and is reserved: the publish hook need not write it again.
         self._app.send_task(
@@ -135,6 +143,7 @@ class Intake(threading.Thread):
             headers={INTAKE_HEADER: True},
         )
         logger.info("queued job %s (%s) published", job.job_id, job.task_type)
+        return True
 
     @staticmethod
     def _priority(job: Job) -> int | None:

@@ -7,17 +7,23 @@ engine as the jobs table). Celery's own SQLAlchemy backend (``db+sqlite://``)
 also works but costs a query, an ORM session and a deferred transaction per
 state change; this one is an upsert. Results expire after ``result_expires``
 (Celery's default: one day) and are removed by ``celery.backend_cleanup``.
+
+A compute job's SUCCESS document is written by the job's own completing
+transaction (:func:`success_writer`), so the row turning ``completed`` and the
+result Celery clients wait for land together, in one write instead of two; the
+tracer's later store of the same SUCCESS is then skipped.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
-from sqlalchemy import Column, Float, MetaData, Table, Text, delete, select
+from sqlalchemy import Column, Connection, Float, MetaData, Table, Text, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cl_tasks.jobs import job_store
@@ -32,11 +38,39 @@ results = Table(
 )
 
 
+#: Task ids (of this process) whose SUCCESS document the job's transaction wrote.
+_written_with_job: set[str] = set()
+
+
 class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     """Celery key/value result backend on ``cl_tasks_result``."""
 
     key_t = staticmethod(bytes_to_str)
     _ready = False
+
+    def success_writer(self, task_id: str, output: Any, request: Any) -> Callable[[Connection], Any]:
+        """A write of ``task_id``'s SUCCESS document, to run inside another transaction.
+
+        Call :meth:`written_with_job` once that transaction committed: the tracer's
+        own store of the same document is then skipped.
+        """
+        meta = self._get_result_meta(result=output, state=states.SUCCESS, traceback=None, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        values = self._values(self.get_key_for_task(task_id), self.encode(meta))
+        self._engine()  # creates the table outside the job's transaction
+        return lambda conn: conn.execute(self._upsert(conn.engine, values))
+
+    @staticmethod
+    def written_with_job(task_id: str) -> None:
+        _written_with_job.add(task_id)
+
+    def _store_result(
+        self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
+    ) -> Any:
+        if state == states.SUCCESS and task_id in _written_with_job:
+            _written_with_job.discard(task_id)
+            return result
+        return super()._store_result(task_id, result, state, traceback, request, **kwargs)
 
     def _engine(self) -> Any:
         engine = job_store().engine
@@ -56,21 +90,26 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return [found.get(key) for key in keys]
 
     def set(self, key: str, value: Any) -> None:
+        engine = self._engine()
+        with engine.begin() as conn:
+            conn.execute(self._upsert(engine, self._values(key, value)))
+
+    def _values(self, key: str, value: Any) -> dict[str, Any]:
         expires = self.expires
-        values = {
+        return {
             "key": key,
             "value": bytes_to_str(value),
             "expires_at": None if not expires else time.time() + float(expires),
         }
-        engine = self._engine()
+
+    @staticmethod
+    def _upsert(engine: Any, values: dict[str, Any]) -> Any:
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         upsert = dialect.insert(results).values(**values)
-        upsert = upsert.on_conflict_do_update(
+        return upsert.on_conflict_do_update(
             index_elements=[results.c.key],
             set_={"value": values["value"], "expires_at": values["expires_at"]},
         )
-        with engine.begin() as conn:
-            conn.execute(upsert)
 
     def delete(self, key: str) -> None:
         with self._engine().begin() as conn:

@@ -27,6 +27,10 @@ Defaults (decided here, documented in the README):
   closed connection at once). The SQLite transport extends it while the worker
   lives, so long jobs are safe; Redis does not, and a redelivered job still runs
   once because the job's lease in the jobs table is held by the first worker.
+* ``SQLITE_SYNCHRONOUS``: ``NORMAL`` (or ``FULL``, ``EXTRA``), for the jobs table and
+  the SQLite broker (whose URL's ``synchronous`` wins). ``NORMAL`` never corrupts the
+  database; a power loss may lose the last commits. ``FULL`` keeps them, at about one
+  fsync per commit.
 * MQTT: ``BROADCAST_TYPE`` (``mqtt`` or ``noop``), ``MQTT_BROKER`` (``localhost``),
   ``MQTT_PORT`` (1883, or 8883 with TLS), ``MQTT_TOPIC`` (``inference/events``),
   ``CAPABILITY_TOPIC_PREFIX`` (``inference/workers``), ``MQTT_HEARTBEAT_INTERVAL``
@@ -47,6 +51,8 @@ DEFAULT_SERVER_DIR = "data"
 #: File name of the shared database inside ``CL_SERVER_DIR``.
 DATABASE_FILE = "media_store.db"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: ``PRAGMA synchronous`` levels offered for SQLite (the first is the default).
+SYNCHRONOUS_LEVELS = ("NORMAL", "FULL", "EXTRA")
 #: Seconds between intake polls when no commit signal is available.
 DEFAULT_POLL_INTERVAL = 5.0
 #: Seconds a job's claim lasts without renewal (renewed every third of it).
@@ -96,6 +102,7 @@ class Settings:
     poll_interval: float
     job_lease: float
     visibility_timeout: float
+    sqlite_synchronous: str
     mqtt: MqttSettings
     worker_id: str | None
     job_params_max_bytes: int = DEFAULT_JOB_PARAMS_MAX_BYTES
@@ -148,6 +155,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         poll_interval=_positive(env, "WORKER_POLL_INTERVAL", DEFAULT_POLL_INTERVAL),
         job_lease=_positive(env, "JOB_LEASE_SECONDS", DEFAULT_JOB_LEASE),
         visibility_timeout=_positive(env, "BROKER_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
+        sqlite_synchronous=_choice(env, "SQLITE_SYNCHRONOUS", SYNCHRONOUS_LEVELS),
         mqtt=_mqtt(env),
         worker_id=_worker_id(env.get("WORKER_ID") or None),
         job_params_max_bytes=_positive_int(env, "JOB_PARAMS_MAX_BYTES", DEFAULT_JOB_PARAMS_MAX_BYTES),
@@ -204,6 +212,13 @@ def _mqtt(env: Mapping[str, str]) -> MqttSettings:
         use_tls=use_tls,
         ca_file=ca_file,
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or choices[0]).upper()
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:

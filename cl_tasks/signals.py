@@ -43,8 +43,9 @@ def create_job_row(
 
 @signals.after_task_publish.connect
 def mark_published(sender: str | None = None, headers: Any = None, **_: Any) -> None:
-    if sender and headers and is_compute(sender):
-        job_store().mark_published(headers["id"])
+    """A client's compute message is in the broker (intake marks its batches itself)."""
+    if sender and headers and is_compute(sender) and not headers.get(INTAKE_HEADER):
+        job_store().mark_published([headers["id"]])
 
 
 @signals.worker_init.connect

@@ -43,6 +43,7 @@ from cl_tasks.jobs import DiskFull, JobStore, job_store
 from cl_tasks.messages import params_size, params_too_large
 from cl_tasks.modules import Module, ModuleError, discover, venv_python
 from cl_tasks.paths import confine
+from cl_tasks.results import ResultBackend
 from cl_tasks.runner import JobError, RunnerPool
 from cl_tasks.sandbox import Confinement
 from cl_tasks.settings import current
@@ -220,7 +221,14 @@ def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
         except Exception as exc:
             _fail(store, task, owner, f"internal error in the worker: {exc!r}")
             raise
-    if _written(lambda: store.complete(job_id, owner, output)):
+    backend = task.backend
+    result = None
+    ignored = task.ignore_result or getattr(task.request, "ignore_result", False)
+    if isinstance(backend, ResultBackend) and not ignored:
+        result = backend.success_writer(job_id, output, task.request)
+    if _written(lambda: store.complete(job_id, owner, output, also=result)):
+        if result is not None:
+            backend.written_with_job(job_id)
         hooks.job_completed.send(sender=task.name, job_id=job_id, output=output)
     return output
 

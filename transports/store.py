@@ -100,6 +100,7 @@ ROUTE_BY_TYPE = {
     "fanout": _ROUTE.replace("{match}", "1"),
     "topic": _ROUTE.replace("{match}", "kombu_topic_match(b.routing_key, :routing_key)"),
 }
+BOUND = "SELECT 1 FROM {p}binding WHERE exchange = ? LIMIT 1"
 READY = (
     "SELECT 1 FROM {p}message WHERE queue = :queue AND visible_at <= :now"
     " AND (expires_at IS NULL OR expires_at > :now) LIMIT 1"
@@ -418,7 +419,13 @@ class Store:
         priority: int,
         expires_at: float | None,
     ) -> int:
-        """Route ``payload`` to queues and store it once per queue; returns how many."""
+        """Route ``payload`` to queues and store it once per queue; returns how many.
+
+        A message for an exchange with no binding at all (Celery's event exchange while
+        no monitor listens) is dropped after a read, without taking the write lock.
+        """
+        if exchange and self.conn.execute(self.sql(BOUND), (exchange,)).fetchone() is None:
+            return 0
         params = {
             "payload": json.dumps(payload),
             "priority": priority,
