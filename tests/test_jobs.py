@@ -7,6 +7,7 @@ SQLite one, RabbitMQ + PostgreSQL, Redis + PostgreSQL); ``scripts/test.sh`` runs
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -120,7 +121,9 @@ params = dict(input_paths=["in.png"], width=8, height=6)
 a = image_resize.delay(output_paths=["out/a.png"], **params)
 b = app.send_task("image_resize", kwargs=dict(output_paths=["out/b.png"], **params))
 c = submit_job("image_resize", dict(output_paths=["out/c.png"], **params), priority=7)
-print(json.dumps({r.id: r.get(timeout=120) for r in (a, b, c)}))
+outputs = {r.id: r.get(timeout=120) for r in (a, b, c)}
+# The SUCCESS document is written with the row; it is Celery's whole extended one.
+print(json.dumps({"outputs": outputs, "meta": [(r.status, r.name, r.worker, r.kwargs) for r in (a, b, c)]}))
 """
 
 
@@ -129,8 +132,12 @@ def test_delay_send_task_and_submit_job_create_rows_and_return_results(
 ) -> None:
     make_image(server_dir / "in.png", (40, 30))
     start_worker(jobs_env, "-Q", "image_resize", "-c", "2")
-    results = json.loads(run_client(jobs_env, CLIENT))
+    answer = json.loads(run_client(jobs_env, CLIENT))
+    results = answer["outputs"]
     assert len(results) == 3
+    for status, name, worker, kwargs in answer["meta"]:
+        assert (status, name, worker) == ("SUCCESS", "image_resize", f"w1@{socket.gethostname()}")
+        assert kwargs["width"] == 8
     for job_id, output in results.items():
         row = job_row(database, job_id)
         assert row["status"] == "completed" and row["task_type"] == "image_resize"
