@@ -39,6 +39,21 @@ def test_bad_values_name_the_variable() -> None:
         load({"DATABASE_URL": "postgresql://localhost/test"})
     with pytest.raises(SettingsError, match="DATABASE_URL="):
         load({"DATABASE_URL": "sqlite://relative-without-third-slash.db"})
+    with pytest.raises(SettingsError, match="SQLITE_SYNCHRONOUS='OFF' must be one of NORMAL, FULL, EXTRA"):
+        load({"SQLITE_SYNCHRONOUS": "off"})
+    with pytest.raises(SettingsError, match="BROKER_VISIBILITY_TIMEOUT='soon'"):
+        load({"BROKER_VISIBILITY_TIMEOUT": "soon"})
+    assert load({"SQLITE_SYNCHRONOUS": "full"}).sqlite_synchronous == "FULL"
+
+
+def test_sqlite_synchronous_reaches_the_jobs_table(tmp_path: Path) -> None:
+    from cl_tasks.jobs import JobStore
+
+    store = JobStore(f"sqlite:///{tmp_path / 'media_store.db'}", synchronous="FULL")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    with JobStore(f"sqlite:///{tmp_path / 'media_store.db'}").engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL, the default
 
 
 def test_relative_url_and_explicit_transport_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
