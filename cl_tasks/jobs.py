@@ -175,7 +175,10 @@ def _immediate_transactions(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
-        dbapi_connection.execute(f"PRAGMA synchronous={synchronous}")
+        # NORMAL is safe (never corrupts) only in WAL mode; a rollback-journal file keeps FULL.
+        wal = dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        if wal or synchronous != "NORMAL":
+            dbapi_connection.execute(f"PRAGMA synchronous={synchronous}")
 
     @event.listens_for(engine, "begin")
     def _begin_immediate(connection: Connection) -> None:

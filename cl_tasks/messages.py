@@ -149,4 +149,6 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             reason,
         )
         if not message.acknowledged:
+            # The SQLite broker keeps this reason in its dead-letter row.
+            message.dead_letter_reason = f"refused by the worker: {reason}"
             message.reject_log_error(logger, self.connection_errors)

@@ -223,8 +223,11 @@ def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
             raise
     backend = task.backend
     result = None
-    ignored = task.ignore_result or getattr(task.request, "ignore_result", False)
-    if isinstance(backend, ResultBackend) and not ignored:
+    request = task.request
+    ignored = task.ignore_result or getattr(request, "ignore_result", False)
+    # With callbacks or a chain the tracer fills the result's ``children`` first: it stores.
+    plain = not (request.callbacks or request.chain or request.is_eager)
+    if isinstance(backend, ResultBackend) and plain and not ignored:
         result = backend.success_writer(job_id, output, task.request)
     if _written(lambda: store.complete(job_id, owner, output, also=result)):
         if result is not None:

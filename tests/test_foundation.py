@@ -48,12 +48,17 @@ def test_bad_values_name_the_variable() -> None:
 
 def test_sqlite_synchronous_reaches_the_jobs_table(tmp_path: Path) -> None:
     from cl_tasks.jobs import JobStore
+    from tests.conftest import make_api_database
 
+    make_api_database(tmp_path / "media_store.db")  # WAL, as the API service makes it
     store = JobStore(f"sqlite:///{tmp_path / 'media_store.db'}", synchronous="FULL")
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     with JobStore(f"sqlite:///{tmp_path / 'media_store.db'}").engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL, the default
+    # A file in rollback-journal mode keeps FULL: NORMAL is safe only with WAL
+    with JobStore(f"sqlite:///{tmp_path / 'journal.db'}").engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
 
 
 def test_relative_url_and_explicit_transport_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,7 +72,11 @@ def test_capabilities_idle_count_and_heartbeat(
 ) -> None:
     topic = f"{prefix}/workers/worker-1"
     start_worker(mqtt_env, "-Q", "ledger_echo,misbehave", "-c", "2")
-    # Given a subscriber that comes after the worker: it gets the retained message
+    # Given a subscriber that comes after the worker's first announcement (seen by a probe,
+    # so the race with it is gone): it gets the retained message
+    probe = Subscriber(topic)
+    probe.wait_for(lambda ms: any(m.topic == topic for m in ms))
+    probe.close()
     subscriber = Subscriber(f"{prefix}/workers/#")
     first = subscriber.wait_for(lambda ms: any(m.retain for m in ms if m.topic == topic))[0]
     announced = first.json()

@@ -185,7 +185,8 @@ class QoS(virtual.QoS):
             if requeue:
                 self.channel.settle(message.row_id, ack=False)
             else:
-                self.channel.dead_letter(message, "rejected without requeue")
+                reason = getattr(message, "dead_letter_reason", None) or "rejected without requeue"
+                self.channel.dead_letter(message, reason)
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -550,6 +551,21 @@ class Channel(virtual.Channel):
             interval=options.sweep_interval, dead_letter_retention=options.dead_letter_retention
         )
 
+    def _settle_unsettled(self) -> None:
+        """Last try at refused acks and releases before the channel closes (no keeper after)."""
+        for row_id, ack in list(self._unsettled.items()):
+            try:
+                self._settle(row_id, ack)
+            except sqlite3.Error as exc:
+                action = "ack" if ack else "release"
+                logger.warning(
+                    "SQLite broker: %s of message %s failed at close (%s); it returns after its lease",
+                    action,
+                    row_id,
+                    exc,
+                )
+        self._unsettled.clear()
+
     def keeper_tick(self) -> float:
         """Seconds between upkeep runs this channel needs."""
         return min(self.options.visibility_timeout / 4, KEEPER_MAX_TICK)
@@ -558,6 +574,7 @@ class Channel(virtual.Channel):
         if not self.closed and self.connection is not None:
             self.connection.keeper.unregister(self)
             self.flush_acks()
+            self._settle_unsettled()
         super().close()
 
 
@@ -644,12 +661,16 @@ class Transport(virtual.Transport):
         self._next_poll = 0.0
         #: The thread of Celery's event loop, once registered (acks made there are batched).
         self.loop_thread: int | None = None
+        self._loop: Any = None
 
     def establish_connection(self) -> Any:
         self.store.conn  # noqa: B018 - connect now so a bad path fails here, clearly
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
+        if self._loop is not None:
+            self._loop.on_tick.discard(self._flush_acks)
+            self._loop = None
         super().close_connection(connection)
         self._watch.close()
         self.store.close()
@@ -705,6 +726,7 @@ class Transport(virtual.Transport):
         transport and its remote-control queue is served while tasks run.
         """
         self.loop_thread = threading.get_ident()
+        self._loop = loop
         loop.on_tick.add(self._flush_acks)
         fileno = self._watch.fileno()
         if fileno >= 0:
