@@ -20,8 +20,22 @@ fi
 # Every test on the embedded stack (SQLite broker and jobs table), then the tests marked
 # `stack` again on each "beyond one machine" stack: the machine's RabbitMQ or Redis as
 # broker, PostgreSQL for the jobs table (set CL_TASKS_TEST_STACKS to choose; empty = none).
-.venv/bin/pytest -q "$@"
-for stack in ${CL_TASKS_TEST_STACKS-rabbitmq+postgresql redis+postgresql}; do
-  echo "== tests marked 'stack' on $stack"
-  CL_TASKS_TEST_STACK="$stack" .venv/bin/pytest -q -m stack "$@"
+# The stacks share nothing (each test has its own vhost, Redis db and PostgreSQL database),
+# so they run side by side; their output is shown when both are done.
+.venv/bin/pytest -q --durations=15 "$@"
+logs=$(mktemp -d)
+pids=()
+stacks=(${CL_TASKS_TEST_STACKS-rabbitmq+postgresql redis+postgresql})
+for stack in "${stacks[@]}"; do
+  CL_TASKS_TEST_STACK="$stack" .venv/bin/pytest -q -m stack -p no:cacheprovider \
+    --basetemp="$logs/$stack.tmp" "$@" >"$logs/$stack.log" 2>&1 &
+  pids+=($!)
 done
+failed=0
+for i in "${!stacks[@]}"; do
+  wait "${pids[$i]}" || failed=1
+  echo "== tests marked 'stack' on ${stacks[$i]}"
+  tail -n 40 "$logs/${stacks[$i]}.log"
+done
+rm -rf "$logs"
+exit "$failed"
