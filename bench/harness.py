@@ -162,7 +162,9 @@ def log_lines(log: Path) -> list[tuple[float, float]]:
     if not log.exists():
         return []
     rows = []
-    for line in log.read_text().splitlines():
+    text = log.read_text()
+    # A line being appended right now may be read half-written: only whole lines count.
+    for line in text[: text.rfind("\n") + 1].splitlines():
         started, sent = line.split()
         rows.append((float(started), float(sent)))
     return rows
