@@ -271,6 +271,24 @@ def test_acks_made_while_a_batch_is_delivered_are_one_write(sqlite_url: str) -> 
     assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
 
 
+def test_waiting_acks_go_in_the_next_claims_transaction(sqlite_url: str) -> None:
+    # A prefork worker's acks (event-loop callbacks) and its next claim: one commit, not two.
+    store = Store(db_path(sqlite_url))
+    store.declare_queue("q", message_ttl=None, expires=None, auto_delete=False)
+    for n in range(5):
+        store.put("", "q", {"properties": {}, "body": n}, priority=0, expires_at=None)
+    first = store.claim("q", owner="me", limit=3, lease=30)
+    taken_by_other = store.claim("q", owner="other", limit=1, lease=30)
+    before = store.local_writes
+    acked, claimed = store.ack_and_claim(
+        [m.row_id for m in first] + [taken_by_other[0].row_id], "q", owner="me", limit=5, lease=30
+    )
+    assert store.local_writes - before == 1
+    assert acked == 3  # only our own rows: the other consumer's lease is untouched
+    assert [m.payload["body"] for m in claimed] == [4]  # type: ignore[index]
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(2,)]
+
+
 def test_ack_from_another_thread(sqlite_url: str) -> None:
     with Connection(sqlite_url) as conn:
         publish(conn, "acked elsewhere")

@@ -427,12 +427,30 @@ class Channel(virtual.Channel):
     def _claim(self, queue: str, limit: int, no_ack: bool) -> list[Claimed]:
         owner = None if no_ack else self.owner
         try:
+            if owner is not None and self._batched_acks:
+                # Acks waiting from the last round go in the claim's transaction: one commit.
+                with self._acks_lock:
+                    row_ids, self._batched_acks = self._batched_acks, []
+                return self._ack_and_claim(row_ids, queue, limit)
             return self.store.claim(queue, owner=owner, limit=limit, lease=self.options.visibility_timeout)
         except DatabaseFull as exc:
             # Not a lost connection (reconnecting would not help, and would drop the leases
             # of running tasks): the messages wait in the database, claimed at a later poll.
             logger.error("%s; claims from queue %r wait", exc, queue)
             return []
+
+    def _ack_and_claim(self, row_ids: list[int], queue: str, limit: int) -> list[Claimed]:
+        try:
+            acked, claimed = self.store.ack_and_claim(
+                row_ids, queue, owner=self.owner, limit=limit, lease=self.options.visibility_timeout
+            )
+        except BaseException:
+            with self._acks_lock:  # not written: they go with the next flush
+                self._batched_acks[:0] = row_ids
+            raise
+        if acked < len(row_ids):
+            logger.warning("ack of %d messages came after their lease ran out", len(row_ids) - acked)
+        return claimed
 
     def _envelope(self, claimed: Claimed, queue: str) -> dict[str, Any] | None:
         if claimed.payload is None:
@@ -491,6 +509,9 @@ class Channel(virtual.Channel):
         if self._batching_thread == threading.get_ident():
             return True
         return bool(self.connection.loop_thread == threading.get_ident())
+
+    def has_batched_acks(self) -> bool:
+        return bool(self._batched_acks)
 
     def flush_acks(self) -> None:
         """Delete the rows whose acks were deferred, in one statement."""
@@ -735,9 +756,15 @@ class Transport(virtual.Transport):
         loop.call_soon(self._deliver_ready, True)
 
     def _flush_acks(self) -> None:
-        """Each round of the event loop, after its callbacks (Celery's acks): one DELETE."""
-        for channel in self.channels:
-            channel.flush_acks()
+        """Each round of the event loop, after its callbacks (Celery's acks).
+
+        The acks free prefetch room: claim at once, with the acks in the claim's
+        transaction (one commit); what no claim took is deleted on its own.
+        """
+        if any(channel.has_batched_acks() for channel in self.channels):
+            self._deliver_ready(True)
+            for channel in self.channels:
+                channel.flush_acks()
 
     def _on_commit(self, fileno: int) -> None:
         """The commit watch fired: deliver what became ready."""

@@ -452,6 +452,23 @@ class Store:
         now = time.time()
         params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
         rows = self._write(CLAIM if owner else TAKE, params)[0]
+        return self._claimed(rows)
+
+    def ack_and_claim(
+        self, ack_ids: Sequence[int], queue: str, *, owner: str, limit: int, lease: float
+    ) -> tuple[int, list[Claimed]]:
+        """Delete ``ack_ids`` (still ours) and claim up to ``limit`` more, in one transaction.
+
+        Returns how many of the acked rows were still ours, and the claimed messages.
+        """
+        now = time.time()
+        params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
+        with self.transaction() as conn:
+            acked = conn.execute(self.sql(ACK_MANY), (owner, json.dumps(list(ack_ids)))).rowcount
+            rows = conn.execute(self.sql(CLAIM), params).fetchall()
+        return acked, self._claimed(rows)
+
+    def _claimed(self, rows: list[Any]) -> list[Claimed]:
         rows.sort(key=lambda row: (-row[1], row[0]))
         return [self._decode(row) for row in rows]
 
