@@ -5,6 +5,10 @@ of strings) is a path. Relative paths resolve against ``CL_SERVER_DIR``; every
 path, after following symlinks, must lie inside ``CL_SERVER_DIR`` (or one of
 the allowed folders), else the job fails with a message naming the parameter.
 The runner receives the resolved absolute paths.
+
+Workers pass no allowed folders (decided, see README "Bad input"): one root to
+audit, matching the runner's Landlock rules; shared media is mounted inside
+``CL_SERVER_DIR`` instead. ``allowed`` stays for embedding code that needs it.
 """
 
 from __future__ import annotations
