@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -150,20 +152,24 @@ def drop_postgresql_database(name: str) -> None:
 
 def query(database: Database, sql: str, params: dict[str, object] | None = None) -> list[dict[str, object]]:
     """Run one statement (``:name`` parameters) in its own transaction; rows as dicts."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
+
+    with _engine(database).begin() as conn:
+        result = conn.execute(text(sql), params or {})
+        return [dict(row._mapping) for row in result] if result.returns_rows else []
+
+
+@functools.cache
+def _engine(database: Database) -> Any:
+    """One engine per database, without a pool: nothing stays open between statements."""
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     url = f"sqlite:///{database}" if isinstance(database, Path) else database
     url = url.replace("postgresql://", "postgresql+psycopg://", 1)
-    engine = create_engine(
+    return create_engine(
         url, poolclass=NullPool, connect_args={"timeout": 60} if isinstance(database, Path) else {}
     )
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(sql), params or {})
-            return [dict(row._mapping) for row in result] if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def insert_job(database: Database, job_id: str, task_type: str, params: object, **columns: object) -> None:

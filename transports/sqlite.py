@@ -448,8 +448,7 @@ class Channel(virtual.Channel):
             with self._acks_lock:  # not written: they go with the next flush
                 self._batched_acks[:0] = row_ids
             raise
-        if acked < len(row_ids):
-            logger.warning("ack of %d messages came after their lease ran out", len(row_ids) - acked)
+        _warn_late_acks(len(row_ids) - acked)
         return claimed
 
     def _envelope(self, claimed: Claimed, queue: str) -> dict[str, Any] | None:
@@ -522,21 +521,20 @@ class Channel(virtual.Channel):
         if not row_ids:
             return
         try:
-            late = len(row_ids) - self.store.ack_many(row_ids, self.owner)
+            acked = self.store.ack_many(row_ids, self.owner)
         except sqlite3.Error as exc:
             self._unsettled.update(dict.fromkeys(row_ids, True))
             logger.warning(
                 "SQLite broker: ack of %d messages failed, retried until done: %s", len(row_ids), exc
             )
             return
-        if late:
-            logger.warning("ack of %d messages came after their lease ran out", late)
+        _warn_late_acks(len(row_ids) - acked)
 
     def _settle(self, row_id: int, ack: bool) -> None:
         if not ack:
             self.store.release([row_id], self.owner)
         elif not self.store.ack(row_id, self.owner):
-            logger.warning("ack of message %s came after its lease ran out", row_id)
+            _warn_late_acks(1)
 
     def dead_letter(self, message: SQLiteMessage, reason: str) -> None:
         """Move ``message`` (claimed by this channel) to the dead-letter table."""
@@ -597,6 +595,12 @@ class Channel(virtual.Channel):
             self.flush_acks()
             self._settle_unsettled()
         super().close()
+
+
+def _warn_late_acks(count: int) -> None:
+    """Acks of messages whose lease ran out (another consumer may have them now)."""
+    if count > 0:
+        logger.warning("ack of %d messages came after their lease ran out", count)
 
 
 def _milliseconds(arguments: dict[str, Any], name: str) -> float | None:

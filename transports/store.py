@@ -180,6 +180,11 @@ class DatabaseFull(sqlite3.OperationalError):
     """
 
 
+def _claim_params(queue: str, owner: str | None, limit: int, lease: float) -> dict[str, Any]:
+    now = time.time()
+    return {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
+
+
 @dataclass(frozen=True)
 class Claimed:
     """One message taken from a queue: its row, priority and decoded payload (or the error)."""
@@ -449,9 +454,7 @@ class Store:
         With ``owner=None`` (no-ack consumers) the messages are deleted as they
         are taken. Rows whose payload is not JSON come back with ``error`` set.
         """
-        now = time.time()
-        params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
-        rows = self._write(CLAIM if owner else TAKE, params)[0]
+        rows = self._write(CLAIM if owner else TAKE, _claim_params(queue, owner, limit, lease))[0]
         return self._claimed(rows)
 
     def ack_and_claim(
@@ -461,11 +464,9 @@ class Store:
 
         Returns how many of the acked rows were still ours, and the claimed messages.
         """
-        now = time.time()
-        params = {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
         with self.transaction() as conn:
             acked = conn.execute(self.sql(ACK_MANY), (owner, json.dumps(list(ack_ids)))).rowcount
-            rows = conn.execute(self.sql(CLAIM), params).fetchall()
+            rows = conn.execute(self.sql(CLAIM), _claim_params(queue, owner, limit, lease)).fetchall()
         return acked, self._claimed(rows)
 
     def _claimed(self, rows: list[Any]) -> list[Claimed]:
