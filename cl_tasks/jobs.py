@@ -53,7 +53,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 metadata = MetaData()
 jobs = Table(
@@ -212,7 +212,7 @@ class JobStore:
             _immediate_transactions(engine, self.synchronous)
         else:
             engine = create_engine(url, pool_pre_ping=True)
-        metadata.create_all(engine, checkfirst=True)
+        create_tables(metadata, engine)
         self._columns = frozenset(column["name"] for column in inspect(engine).get_columns("jobs"))
         missing = REQUIRED_COLUMNS - self._columns
         if missing:
@@ -458,6 +458,19 @@ class JobStore:
                 if also is not None:
                     also(conn)
         return bool(changed)
+
+
+def create_tables(tables: MetaData, engine: Engine) -> None:
+    """Create the missing tables of ``tables``; safe when processes race to do it.
+
+    Two pool processes starting on a fresh PostgreSQL database both see a table
+    missing and both create it; the loser's CREATE fails (a duplicate type) and is
+    retried once, now finding the table there.
+    """
+    try:
+        tables.create_all(engine, checkfirst=True)
+    except (IntegrityError, ProgrammingError, OperationalError):
+        tables.create_all(engine, checkfirst=True)
 
 
 def _is_disk_full(error: BaseException | None) -> bool:

@@ -26,7 +26,7 @@ from kombu.utils.encoding import bytes_to_str
 from sqlalchemy import Column, Connection, Float, MetaData, Table, Text, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from cl_tasks.jobs import job_store
+from cl_tasks.jobs import create_tables, job_store
 
 metadata = MetaData()
 results = Table(
@@ -75,7 +75,7 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def _engine(self) -> Any:
         engine = job_store().engine
         if not self._ready:
-            metadata.create_all(engine, checkfirst=True)
+            create_tables(metadata, engine)
             self._ready = True
         return engine
 
