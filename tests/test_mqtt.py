@@ -338,6 +338,10 @@ def test_celery_control_shutdown_clears_the_retained_message(
 ) -> None:
     topic = f"{prefix}/workers/worker-1"
     worker = start_worker(mqtt_env, "-Q", "ledger_echo", "-c", "1")
+    # (the first announcement may come a moment after "ready.": wait for it)
+    probe = Subscriber(topic)
+    probe.wait_for(lambda ms: any(m.topic == topic for m in ms))
+    probe.close()
     assert retained(topic)
     node = f"w1@{socket.gethostname()}"
     subprocess.run(
