@@ -55,6 +55,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from transports import busy
+
 metadata = MetaData()
 jobs = Table(
     "jobs",
@@ -208,7 +210,9 @@ class JobStore:
     def _create_engine(self) -> Engine:
         url = sqlalchemy_url(self.url)
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+            # busy.Connection: a finer wait for the write lock than SQLite's 1-100 ms steps.
+            connect_args = {"timeout": SQLITE_BUSY_TIMEOUT, "factory": busy.Connection}
+            engine = create_engine(url, connect_args=connect_args)
             _immediate_transactions(engine, self.synchronous)
         else:
             engine = create_engine(url, pool_pre_ping=True)

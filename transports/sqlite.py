@@ -11,8 +11,9 @@ Features
   ``expiration``
 * Delivery: at least once. A claim is one ``BEGIN IMMEDIATE`` transaction that
   leases rows to the consumer; ack deletes the row (acks made while a batch is
-  delivered, or in one round of Celery's event loop, are one DELETE: a crash in
-  that instant means a redelivery, never a loss); reject with requeue puts it
+  delivered, or in Celery's event loop, are deleted together, in the next
+  claim's transaction or within 50 ms: a crash in that instant means a
+  redelivery, never a loss); reject with requeue puts it
   back at its place; reject without requeue and undecodable messages move to the
   ``{prefix}dead_letter`` table with the reason. A consumer killed with SIGKILL
   loses nothing: its leases run out after ``visibility_timeout`` and another
@@ -54,7 +55,9 @@ string wins, being the more specific place):
 * ``polling_interval`` (1.0): seconds between fallback polls when no commit
   is seen (also how soon an expired lease of a dead consumer is noticed).
 * ``claim_batch`` (10): most messages claimed in one transaction (bounded by
-  the consumer's prefetch).
+  the consumer's prefetch). A consumer claims once half its prefetch window is
+  free, not for every freed slot: what it holds beyond its running tasks waits
+  in the worker anyway, and fewer, larger claims take the write lock less.
 * ``table_prefix`` (``kombu_``): prefix of the broker tables.
 * ``busy_timeout`` (60.0): seconds to wait for another writer's lock.
 * ``synchronous`` (``NORMAL``): ``NORMAL`` never corrupts the database but may
@@ -99,6 +102,9 @@ logger = logging.getLogger(__name__)
 #: Pauses (seconds) between looks at ``data_version`` after a wake-up found no change:
 #: the commit that woke us may not be visible yet (about 1.5 ms in all).
 COMMIT_SETTLE_PAUSES = (0.0002, 0.0003, 0.001, 0.0)
+#: Seconds a deferred ack may wait for the next claim's transaction before it is
+#: written on its own (the event loop's acks; see :meth:`Channel._defer_ack`).
+ACK_WAIT = 0.05
 #: Seconds between runs of the lease keeper at most (it runs more often for short leases).
 KEEPER_MAX_TICK = 1.0
 
@@ -232,6 +238,7 @@ class Channel(virtual.Channel):
         #: the event loop, wait here and go in one DELETE (see :meth:`settle`).
         self._batching_thread: int | None = None
         self._batched_acks: list[int] = []
+        self._acks_since = 0.0  # monotonic time of the oldest deferred ack
         self._acks_lock = threading.Lock()
 
     # -- entities -------------------------------------------------------------
@@ -396,7 +403,7 @@ class Channel(virtual.Channel):
 
     def drain_events(self, timeout: float | None = None, callback: Any = None) -> None:
         """Claim a batch from the consumed queues (rotating) and deliver it; Empty if none."""
-        if not (self._consumers and self.qos.can_consume()):
+        if not (self._consumers and self._room_to_claim()):
             raise Empty()
         queues = list(self._queue_callbacks)
         self._rotation = (self._rotation + 1) % max(len(queues), 1)
@@ -410,7 +417,8 @@ class Channel(virtual.Channel):
                 limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
                 if limit <= 0:
                     break
-                if not self.store.has_ready(queue):
+                # With acks waiting the write lock is taken anyway: no need to look first.
+                if not self._batched_acks and not self.store.has_ready(queue):
                     continue
                 deliver = self._queue_callbacks[queue]
                 for claimed in self._claim(queue, limit, queue in self._no_ack_queues):
@@ -423,6 +431,18 @@ class Channel(virtual.Channel):
             self.flush_acks()
         if not delivered:
             raise Empty()
+
+    def _room_to_claim(self) -> bool:
+        """Whether to claim now: once half the prefetch window is free, not per freed slot.
+
+        Messages held beyond the running ones wait in the worker anyway, so
+        claiming for every single ack (one transaction each) only costs; with
+        half the window held there is still work for every pool process.
+        """
+        room = self.qos.can_consume_max_estimate()
+        if room is None:
+            return True
+        return bool(room > 0 and room >= self.qos.prefetch_count // 2)
 
     def _claim(self, queue: str, limit: int, no_ack: bool) -> list[Claimed]:
         owner = None if no_ack else self.owner
@@ -447,6 +467,7 @@ class Channel(virtual.Channel):
         except BaseException:
             with self._acks_lock:  # not written: they go with the next flush
                 self._batched_acks[:0] = row_ids
+                self._acks_since = 0.0  # written at the next chance
             raise
         _warn_late_acks(len(row_ids) - acked)
         return claimed
@@ -485,6 +506,8 @@ class Channel(virtual.Channel):
         """
         if ack and self._defer_ack():
             with self._acks_lock:
+                if not self._batched_acks:
+                    self._acks_since = time.monotonic()
                 self._batched_acks.append(row_id)
             return
         try:
@@ -500,10 +523,12 @@ class Channel(virtual.Channel):
         """Whether an ack made now can wait for the batch's DELETE.
 
         Yes inside :meth:`drain_events` (Celery acks early, in the delivery callback),
-        and in the event loop's thread (Celery's acks are loop callbacks; the transport
-        flushes on every tick of the loop, after them, so one round of the loop costs one
-        write). Acks from other threads are written at once. A deferred ack that never
-        reaches the database (a crash within that moment) means a redelivery, not a loss.
+        and in the event loop's thread (Celery's acks are loop callbacks). The loop's
+        acks go in the transaction of the next claim, made once half the prefetch
+        window is free (:meth:`_room_to_claim`), or on their own after ``ACK_WAIT``
+        (checked every round of the loop; the lease keeper is the backstop). Acks from
+        other threads are written at once. A deferred ack that never reaches the
+        database (a crash within that moment) means a redelivery, not a loss.
         """
         if self._batching_thread == threading.get_ident():
             return True
@@ -512,9 +537,9 @@ class Channel(virtual.Channel):
     def has_batched_acks(self) -> bool:
         return bool(self._batched_acks)
 
-    def flush_acks(self) -> None:
-        """Delete the rows whose acks were deferred, in one statement."""
-        if not self._batched_acks:
+    def flush_acks(self, waited: float = 0.0) -> None:
+        """Delete the rows whose acks were deferred (if the first has waited ``waited`` s)."""
+        if not self._batched_acks or time.monotonic() - self._acks_since < waited:
             return
         with self._acks_lock:
             row_ids, self._batched_acks = self._batched_acks, []
@@ -762,13 +787,13 @@ class Transport(virtual.Transport):
     def _flush_acks(self) -> None:
         """Each round of the event loop, after its callbacks (Celery's acks).
 
-        The acks free prefetch room: claim at once, with the acks in the claim's
-        transaction (one commit); what no claim took is deleted on its own.
+        The acks free prefetch room: claim, with the acks in the claim's transaction
+        (one commit); acks no claim took are deleted on their own after ``ACK_WAIT``.
         """
         if any(channel.has_batched_acks() for channel in self.channels):
             self._deliver_ready(True)
             for channel in self.channels:
-                channel.flush_acks()
+                channel.flush_acks(waited=ACK_WAIT)
 
     def _on_commit(self, fileno: int) -> None:
         """The commit watch fired: deliver what became ready."""

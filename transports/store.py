@@ -35,6 +35,8 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
+from transports import busy
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = (
@@ -244,6 +246,20 @@ def check_path(path: Path) -> None:
         )
 
 
+class _Process:
+    """This process's id, kept up to date across forks (``os.getpid()`` is a system call)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.pid = os.getpid()
+
+
+_process = _Process()
+
+
 class Store:
     """The broker tables in one SQLite file, with a connection per thread and process."""
 
@@ -282,7 +298,7 @@ class Store:
     def conn(self) -> sqlite3.Connection:
         """This thread's connection, made on first use and again after a fork."""
         local = self._local
-        pid = os.getpid()
+        pid = _process.pid
         if getattr(local, "pid", None) != pid:
             local.conn = self._connect()
             local.pid = pid
@@ -296,7 +312,11 @@ class Store:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=busy.Connection,
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
