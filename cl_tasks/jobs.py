@@ -44,6 +44,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -198,6 +199,7 @@ class JobStore:
         self._pid = 0
         self._columns: frozenset[str] = frozenset()
         self._lock = threading.Lock()
+        self._statements: dict[Any, Any] = {}
 
     @property
     def engine(self) -> Engine:
@@ -260,6 +262,17 @@ class JobStore:
             with conn.begin():
                 yield conn
 
+    def _statement(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The statement ``key``, built once per store, its values left as bind parameters.
+
+        Building SQLAlchemy expressions costs several times more than running
+        them, and for writes it would happen while holding SQLite's write lock.
+        """
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = build()
+        return statement
+
     def _select_jobs(self) -> Any:
         names = [name for name in Job.__dataclass_fields__ if name != "priority" or self.has_priority]
         columns: list[Any] = [jobs.c[name] for name in names]
@@ -300,10 +313,21 @@ class JobStore:
             # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT.
             insert = self._insert(jobs).values(**values).on_conflict_do_nothing()
             inserted = conn.execute(insert.returning(jobs.c.job_id)).first() is not None
-            conn.execute(
-                self._insert(intake).values(job_id=job_id, reserved_at=time.time()).on_conflict_do_nothing()
-            )
+            self._reserve_intake(conn, job_id)
         return inserted
+
+    def _reserve_intake(self, conn: Connection, job_id: str) -> bool:
+        """Record that ``job_id``'s message is on its way; False if it was already."""
+        statement = self._statement(
+            "reserve_intake",
+            lambda: (
+                self._insert(intake)
+                .values(job_id=bindparam("b_job_id"), reserved_at=bindparam("b_now"))
+                .on_conflict_do_nothing()
+                .returning(intake.c.job_id)
+            ),
+        )
+        return conn.execute(statement, {"b_job_id": job_id, "b_now": time.time()}).first() is not None
 
     def _insert(self, table: Table) -> Any:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
@@ -348,22 +372,30 @@ class JobStore:
         with self.transaction() as conn:
             for row in conn.execute(query).fetchall():
                 job = self._job(row)
-                insert = self._insert(intake).values(job_id=job.job_id, reserved_at=time.time())
-                if conn.execute(insert.on_conflict_do_nothing().returning(intake.c.job_id)).first():
+                if self._reserve_intake(conn, job.job_id):
                     reserved.append(job)
         return reserved
 
     def max_id(self) -> int:
+        statement = self._statement("max_id", lambda: select(func.coalesce(func.max(jobs.c.id), 0)))
         with self.reading() as conn:
-            return int(conn.execute(select(func.coalesce(func.max(jobs.c.id), 0))).scalar_one())
+            return int(conn.execute(statement).scalar_one())
 
     def mark_published(self, job_ids: Iterable[str]) -> None:
         """Record that the broker took the messages of ``job_ids`` (one transaction)."""
         job_ids = list(job_ids)
         if not job_ids:
             return
+        statement = self._statement(
+            "mark_published",
+            lambda: (
+                update(intake)
+                .where(intake.c.job_id.in_(bindparam("b_job_ids", expanding=True)))
+                .values(published_at=bindparam("b_now"))
+            ),
+        )
         with self.transaction() as conn:
-            conn.execute(update(intake).where(intake.c.job_id.in_(job_ids)).values(published_at=time.time()))
+            conn.execute(statement, {"b_job_ids": job_ids, "b_now": time.time()})
 
     def forget_stale_reservations(self, older_than: float) -> int:
         """Drop reservations whose publisher died before publishing, so intake retries them."""
@@ -377,50 +409,76 @@ class JobStore:
     def claim(self, job_id: str, owner: str, lease: float) -> Claim:
         """Take the job for ``owner``: once, or again when its last holder stopped renewing."""
         now = time.time()
+        params = {"b_job_id": job_id, "b_owner": owner, "b_expires": now + lease, "b_started": now_ms()}
         with self.transaction() as conn:
-            row = conn.execute(self._select_jobs().where(jobs.c.job_id == job_id).with_for_update()).first()
+            row = conn.execute(self._statement("claim_job", self._claim_job), params).first()
             if row is None:
                 return Claim("missing", None)
             job = self._job(row)
             if job.status in (COMPLETED, ERROR):
                 return Claim("done", job)
-            held = conn.execute(select(leases).where(leases.c.job_id == job_id)).first()
+            held = conn.execute(self._statement("lease_of", self._lease_of), params).first()
             if job.status == PROCESSING and held and held.owner != owner and held.expires_at > now:
                 return Claim("busy", job, retry_in=held.expires_at - now)
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.job_id == job_id)
-                .values(status=PROCESSING, started_at=now_ms(), progress=0, error_message=None)
-            )
-            upsert = self._insert(leases).values(job_id=job_id, owner=owner, expires_at=now + lease)
-            conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[leases.c.job_id], set_={"owner": owner, "expires_at": now + lease}
-                )
-            )
+            conn.execute(self._statement("start_job", self._start_job), params)
+            conn.execute(self._statement("take_lease", self._take_lease), params)
         return Claim("claimed", job)
+
+    def _claim_job(self) -> Any:
+        return self._select_jobs().where(jobs.c.job_id == bindparam("b_job_id")).with_for_update()
+
+    @staticmethod
+    def _lease_of() -> Any:
+        return select(leases).where(leases.c.job_id == bindparam("b_job_id"))
+
+    @staticmethod
+    def _start_job() -> Any:
+        return (
+            update(jobs)
+            .where(jobs.c.job_id == bindparam("b_job_id"))
+            .values(status=PROCESSING, started_at=bindparam("b_started"), progress=0, error_message=None)
+        )
+
+    def _take_lease(self) -> Any:
+        upsert = self._insert(leases).values(
+            job_id=bindparam("b_job_id"), owner=bindparam("b_owner"), expires_at=bindparam("b_expires")
+        )
+        return upsert.on_conflict_do_update(
+            index_elements=[leases.c.job_id],
+            set_={"owner": upsert.excluded.owner, "expires_at": upsert.excluded.expires_at},
+        )
 
     def renew(self, job_id: str, owner: str, lease: float) -> bool:
         """Extend ``owner``'s lease; False if it lost the job."""
-        query = (
-            update(leases)
-            .where(leases.c.job_id == job_id, leases.c.owner == owner)
-            .values(expires_at=time.time() + lease)
+        statement = self._statement(
+            "renew",
+            lambda: (
+                update(leases)
+                .where(leases.c.job_id == bindparam("b_job_id"), leases.c.owner == bindparam("b_owner"))
+                .values(expires_at=bindparam("b_expires"))
+            ),
         )
+        params = {"b_job_id": job_id, "b_owner": owner, "b_expires": time.time() + lease}
         with self.transaction() as conn:
-            return bool(conn.execute(query).rowcount)
+            return bool(conn.execute(statement, params).rowcount)
 
     def set_progress(self, job_id: str, owner: str, progress: int) -> None:
-        with self.transaction() as conn:
-            conn.execute(
+        statement = self._statement(
+            "set_progress",
+            lambda: (
                 update(jobs)
-                .where(jobs.c.job_id == job_id, jobs.c.status == PROCESSING, self._held_by(owner, job_id))
-                .values(progress=progress)
-            )
+                .where(jobs.c.job_id == bindparam("b_job_id"), jobs.c.status == PROCESSING, self._held())
+                .values(progress=bindparam("b_progress"))
+            ),
+        )
+        with self.transaction() as conn:
+            conn.execute(statement, {"b_job_id": job_id, "b_owner": owner, "b_progress": progress})
 
     @staticmethod
-    def _held_by(owner: str, job_id: str) -> Any:
-        return select(leases.c.job_id).where(leases.c.job_id == job_id, leases.c.owner == owner).exists()
+    def _held() -> Any:
+        """Whether ``:b_owner`` holds the lease of ``:b_job_id``."""
+        held = leases.c.job_id == bindparam("b_job_id"), leases.c.owner == bindparam("b_owner")
+        return select(leases.c.job_id).where(*held).exists()
 
     def complete(
         self, job_id: str, owner: str, output: Any, also: Callable[[Connection], Any] | None = None
@@ -451,17 +509,32 @@ class JobStore:
         values: dict[str, Any],
         also: Callable[[Connection], Any] | None = None,
     ) -> bool:
-        condition = [jobs.c.job_id == job_id, jobs.c.status.in_((QUEUED, PROCESSING))]
-        if owner is not None:
-            condition.append(self._held_by(owner, job_id))
+        key = ("finish", owner is None, *values)
+        params = {f"b_{name}": value for name, value in values.items()}
+        params |= {"b_job_id": job_id, "b_owner": owner}
+        finish = self._statement(key, lambda: self._finish_job(list(values), owner is not None))
         with self.transaction() as conn:
-            changed = conn.execute(update(jobs).where(*condition).values(**values)).rowcount
+            changed = conn.execute(finish, params).rowcount
             if changed:
-                conn.execute(delete(leases).where(leases.c.job_id == job_id))
-                conn.execute(delete(intake).where(intake.c.job_id == job_id))
+                conn.execute(self._statement("end_lease", self._end_lease), params)
+                conn.execute(self._statement("end_intake", self._end_intake), params)
                 if also is not None:
                     also(conn)
         return bool(changed)
+
+    def _finish_job(self, names: list[str], owned: bool) -> Any:
+        condition = [jobs.c.job_id == bindparam("b_job_id"), jobs.c.status.in_((QUEUED, PROCESSING))]
+        if owned:
+            condition.append(self._held())
+        return update(jobs).where(*condition).values({name: bindparam(f"b_{name}") for name in names})
+
+    @staticmethod
+    def _end_lease() -> Any:
+        return delete(leases).where(leases.c.job_id == bindparam("b_job_id"))
+
+    @staticmethod
+    def _end_intake() -> Any:
+        return delete(intake).where(intake.c.job_id == bindparam("b_job_id"))
 
 
 def create_tables(tables: MetaData, engine: Engine) -> None:

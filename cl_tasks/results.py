@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import Any
 
 from celery import states
@@ -36,6 +37,17 @@ results = Table(
     Column("value", Text, nullable=False),
     Column("expires_at", Float),
 )
+
+
+@cache
+def _upsert_statement(dialect_name: str) -> Any:
+    """The upsert of one result document, built once per dialect (building costs more than running)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    upsert = dialect.insert(results)
+    return upsert.on_conflict_do_update(
+        index_elements=[results.c.key],
+        set_={"value": upsert.excluded.value, "expires_at": upsert.excluded.expires_at},
+    )
 
 
 #: Task ids (of this process) whose SUCCESS document the job's transaction wrote.
@@ -58,7 +70,7 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
         meta["task_id"] = bytes_to_str(task_id)
         values = self._values(self.get_key_for_task(task_id), self.encode(meta))
         self._engine()  # creates the table outside the job's transaction
-        return lambda conn: conn.execute(self._upsert(conn.engine, values))
+        return lambda conn: conn.execute(_upsert_statement(conn.engine.dialect.name), values)
 
     @staticmethod
     def written_with_job(task_id: str) -> None:
@@ -92,7 +104,7 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def set(self, key: str, value: Any) -> None:
         engine = self._engine()
         with engine.begin() as conn:
-            conn.execute(self._upsert(engine, self._values(key, value)))
+            conn.execute(_upsert_statement(engine.dialect.name), self._values(key, value))
 
     def _values(self, key: str, value: Any) -> dict[str, Any]:
         expires = self.expires
@@ -101,15 +113,6 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
             "value": bytes_to_str(value),
             "expires_at": None if not expires else time.time() + float(expires),
         }
-
-    @staticmethod
-    def _upsert(engine: Any, values: dict[str, Any]) -> Any:
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        upsert = dialect.insert(results).values(**values)
-        return upsert.on_conflict_do_update(
-            index_elements=[results.c.key],
-            set_={"value": values["value"], "expires_at": values["expires_at"]},
-        )
 
     def delete(self, key: str) -> None:
         with self._engine().begin() as conn:
