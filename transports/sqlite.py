@@ -73,6 +73,7 @@ string wins, being the more specific place):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -232,6 +233,8 @@ class Channel(virtual.Channel):
         self._next_extend = 0.0
         self._next_touch = 0.0
         self._rotation = 0
+        #: Numbers deliveries, so a row delivered again gets a new delivery tag.
+        self._deliveries = itertools.count()
         #: Rows whose ack (True) or release (False) the database refused; upkeep retries them.
         self._unsettled: dict[int, bool] = {}
         #: Acks made while a claimed batch is delivered, or by callbacks of one round of
@@ -478,7 +481,7 @@ class Channel(virtual.Channel):
             return None
         payload = claimed.payload
         properties = payload["properties"]
-        properties["delivery_tag"] = f"{claimed.row_id}.{uuid.uuid4().hex[:8]}"
+        properties["delivery_tag"] = f"{claimed.row_id}.{next(self._deliveries)}"
         delivery_info = properties.setdefault("delivery_info", {})
         delivery_info["redelivered"] = claimed.redelivered
         payload["redelivered"] = claimed.redelivered
