@@ -42,6 +42,8 @@ BATCH = 100
 STALE_RESERVATION = 60.0
 #: Shortest pause between two scans while commits keep coming (seconds).
 MIN_SCAN_GAP = 0.002
+#: Pause after a wake-up before looking (seconds): the commit must become visible.
+COMMIT_SETTLE = 0.0005
 
 
 class Intake(threading.Thread):
@@ -56,6 +58,7 @@ class Intake(threading.Thread):
         self._settings = settings
         self._task_types = task_types
         self._stopped = threading.Event()
+        self._last_scan = 0.0
         path = settings.sqlite_path
         self._watch = CommitWatch(path) if path is not None else None
 
@@ -85,13 +88,16 @@ class Intake(threading.Thread):
         timeout = max(timeout, MIN_SCAN_GAP)
         if self._watch is None:
             self._stopped.wait(timeout)
-        else:
-            if self._watch.wait(timeout) == "interrupt":
-                self._stopped.wait(timeout)
-            time.sleep(MIN_SCAN_GAP)
+            return
+        if self._watch.wait(timeout) == "interrupt":
+            self._stopped.wait(timeout)
+        # The commit that woke us is visible a moment after its WAL write; and while
+        # commits keep coming, scans are spaced MIN_SCAN_GAP apart.
+        time.sleep(max(COMMIT_SETTLE, self._last_scan + MIN_SCAN_GAP - time.monotonic()))
 
     def scan(self, *, after_id: int) -> int:
         """Publish every reservable row above ``after_id``; returns the highest id looked at."""
+        self._last_scan = time.monotonic()
         types = list(self._task_types())
         top = self._store.max_id()
         if after_id and top <= after_id:
