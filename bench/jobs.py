@@ -7,6 +7,9 @@
   process of the module's venv (the standalone worker's way).
 * pickup: one row at a time inserted into an idle worker's database; the time
   until the row is ``processing`` (``started_at`` minus the insert time).
+* API inserts: how long each of the N inserts took (connect, insert, commit with
+  SQLite's own busy handler, as the API service does) while the worker runs the
+  jobs before it: a worker that hogged the write lock would show here.
 """
 
 from __future__ import annotations
@@ -143,8 +146,11 @@ def measure(workdir: Path, count: int, pickup_samples: int) -> dict[str, Any]:
     python = venv_python(VENVS, read_module(MODULE))
     worker = _start_worker(server)
     try:
+        inserts = []
         for n in range(count):
+            began = time.perf_counter()
             _insert(database, f"run-{n}", _params(n))
+            inserts.append(1000 * (time.perf_counter() - began))
         rows = _wait_done(database, "run-", count)
         elapsed_ms = max(done for _, done in rows) - min(started for started, _ in rows)
         runner_rate = count / (elapsed_ms / 1000)
@@ -168,4 +174,6 @@ def measure(workdir: Path, count: int, pickup_samples: int) -> dict[str, Any]:
         "cold_jobs_per_s": cold_rate,
         "pickup_p50_ms": percentile(waits, 0.5),
         "pickup_p99_ms": percentile(waits, 0.99),
+        "api_insert_p50_ms": percentile(inserts, 0.5),
+        "api_insert_p99_ms": percentile(inserts, 0.99),
     }

@@ -11,7 +11,8 @@ measured (same Celery settings for every broker, see ``bench/app.py``):
 * backlog 1k / 100k: claim+ack rate (kombu ``basic_get`` + ack) with 1,000 and
   100,000 messages waiting (our transport, Redis, RabbitMQ);
 * compute jobs (``bench/jobs.py``): 200 image_resize jobs through our runners vs one
-  cold subprocess per job, and API row -> ``processing`` pickup latency.
+  cold subprocess per job, API row -> ``processing`` pickup latency, and how long the
+  API service's own inserts take while the workers write (its share of the write lock).
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ def markdown(rows: list[dict[str, Any]], compute: dict[str, Any], notes: list[st
             f"| speed-up | {compute['runner_jobs_per_s'] / compute['cold_jobs_per_s']:.1f}x |",
             f"| API row -> processing p50 (ms) | {compute['pickup_p50_ms']:.1f} |",
             f"| API row -> processing p99 (ms) | {compute['pickup_p99_ms']:.1f} |",
+            f"| API insert while the 200 run, p50 (ms) | {compute['api_insert_p50_ms']:.2f} |",
+            f"| API insert while the 200 run, p99 (ms) | {compute['api_insert_p99_ms']:.2f} |",
             "",
         ]
     lines += [f"- {note}" for note in notes]

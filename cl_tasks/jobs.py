@@ -56,8 +56,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from transports import busy
-
 metadata = MetaData()
 jobs = Table(
     "jobs",
@@ -212,9 +210,7 @@ class JobStore:
     def _create_engine(self) -> Engine:
         url = sqlalchemy_url(self.url)
         if url.startswith("sqlite"):
-            # busy.Connection: a finer wait for the write lock than SQLite's 1-100 ms steps.
-            connect_args = {"timeout": SQLITE_BUSY_TIMEOUT, "factory": busy.Connection}
-            engine = create_engine(url, connect_args=connect_args)
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
             _immediate_transactions(engine, self.synchronous)
         else:
             engine = create_engine(url, pool_pre_ping=True)

@@ -35,8 +35,6 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from transports import busy
-
 logger = logging.getLogger(__name__)
 
 SCHEMA = (
@@ -316,7 +314,6 @@ class Store:
                 timeout=self._busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
-                factory=busy.Connection,
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
