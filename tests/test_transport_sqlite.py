@@ -19,7 +19,7 @@ import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from tests.conftest import PYTHON, subprocess_env
-from transports.sqlite import Options, Transport
+from transports.sqlite import ACK_WAIT, Options, Transport
 from transports.store import DatabaseUnavailable, Store
 
 EXCHANGE = Exchange("tasks", "direct")
@@ -287,6 +287,66 @@ def test_waiting_acks_go_in_the_next_claims_transaction(sqlite_url: str) -> None
     assert acked == 3  # only our own rows: the other consumer's lease is untouched
     assert [m.payload["body"] for m in claimed] == [4]  # type: ignore[index]
     assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(2,)]
+
+
+def held(url: str) -> int:
+    return int(rows(url, "SELECT count(*) FROM kombu_message WHERE lease_owner IS NOT NULL")[0][0])
+
+
+def test_a_consumer_claims_once_half_its_prefetch_window_is_free(sqlite_url: str) -> None:
+    # Given a consumer with a prefetch of 8 holding 8 unacked messages of 20
+    with Connection(sqlite_url) as conn:
+        publish(conn, *(f"m{n}" for n in range(20)))
+        got: list[object] = []
+        channel = conn.channel()
+        with Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)]):
+            channel.basic_qos(0, 8, False)
+            conn.drain_events(timeout=5)
+            assert (len(got), held(sqlite_url)) == (8, 8)
+            # When three are acked (five held): no claim for three slots
+            for message in got[:3]:
+                message.ack()
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.3)
+            assert (len(got), held(sqlite_url)) == (8, 5)
+            # When a fourth is acked (half the window free): four more, in one claim
+            got[3].ack()
+            before = conn.transport.store.local_writes
+            conn.drain_events(timeout=5)
+            assert conn.transport.store.local_writes - before == 1
+            assert (len(got), held(sqlite_url)) == (12, 8)
+
+
+def test_event_loop_acks_go_with_the_next_claim_or_alone_after_ack_wait(sqlite_url: str) -> None:
+    # Given a consumer run as in Celery's event loop (acks are deferred in its thread)
+    with Connection(sqlite_url) as conn:
+        publish(conn, *(f"m{n}" for n in range(20)))
+        got: list[object] = []
+        channel = conn.channel()
+        with Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)]):
+            channel.basic_qos(0, 8, False)
+            conn.drain_events(timeout=5)
+            transport = conn.transport
+            transport.loop_thread = threading.get_ident()
+            store = transport.store
+            # When two are acked and the loop ticks at once: they wait (no claim for two)
+            for message in got[:2]:
+                message.ack()
+            transport._flush_acks()
+            assert held(sqlite_url) == 8
+            # Then, ACK_WAIT later, the next tick deletes them on their own
+            time.sleep(ACK_WAIT)
+            transport._flush_acks()
+            assert held(sqlite_url) == 6
+            # When two more are acked (half the window free), the tick claims four more
+            # with those acks in the claim's transaction: one write
+            for message in got[2:4]:
+                message.ack()
+            before = store.local_writes
+            transport._flush_acks()
+            assert store.local_writes - before == 1
+            assert (len(got), held(sqlite_url)) == (12, 8)
+    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(16,)]
 
 
 def test_ack_from_another_thread(sqlite_url: str) -> None:
