@@ -24,7 +24,7 @@ import transports  # noqa: F401 - registers the ``sqlite://`` broker alias
 from cl_tasks import flower_support
 from cl_tasks.messages import App
 
-app = App("cl_tasks")
+app = App("cl_tasks", events="cl_tasks.events:Events")
 app.config_from_object("celeryconfig")
 app.conf.task_routes = ("cl_tasks.tasks.route",)
 app.conf.worker_consumer = "cl_tasks.messages:Consumer"

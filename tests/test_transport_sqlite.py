@@ -242,6 +242,24 @@ def test_a_commit_in_another_process_wakes_the_consumer_without_polling(sqlite_u
     assert waited < 30
 
 
+def test_a_message_no_binding_routes_is_dropped_without_a_write(sqlite_url: str) -> None:
+    # Celery's task events while only gossip (worker.#) listens: a read, no write lock
+    events = Exchange("celeryev", "topic")
+    gossip = Queue("gossip", events, "worker.#")
+    with Connection(sqlite_url) as conn:
+        channel = conn.channel()
+        gossip(channel).declare()
+        observer = sqlite3.connect(db_path(sqlite_url))
+        version = observer.execute("PRAGMA data_version").fetchone()
+        producer = Producer(channel, exchange=events)
+        assert not channel.routes("celeryev", "task.multi")
+        producer.publish({"type": "task-succeeded"}, routing_key="task.multi")
+        assert observer.execute("PRAGMA data_version").fetchone() == version
+        assert channel.routes("celeryev", "worker.heartbeat")
+        producer.publish({"type": "worker-heartbeat"}, routing_key="worker.heartbeat")
+        assert rows(sqlite_url, "SELECT queue FROM kombu_message") == [("gossip",)]
+
+
 def test_an_empty_claim_writes_nothing(sqlite_url: str) -> None:
     # Idle consumers must not wake each other: a claim that finds nothing commits nothing.
     store = Store(db_path(sqlite_url))

@@ -355,6 +355,14 @@ class Channel(virtual.Channel):
             expires_at=expires_at,
         )
 
+    def routes(self, exchange: str, routing_key: str) -> bool:
+        """Whether a message to ``exchange`` with ``routing_key`` would reach a queue now.
+
+        A read: publishers (Celery's event dispatcher in cl_tasks) may skip building
+        a message nobody would receive.
+        """
+        return not exchange or self.store.routes(exchange, routing_key)
+
     def encode_body(self, body: Any, encoding: str | None = None) -> tuple[Any, str | None]:
         """Keep text bodies as text (no base64 cost); only binary bodies are base64-encoded."""
         if isinstance(body, bytes):

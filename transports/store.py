@@ -95,12 +95,17 @@ _ROUTE = (
     " FROM {p}binding AS b LEFT JOIN {p}queue AS q ON q.name = b.queue"
     " WHERE b.exchange = :exchange AND {match} GROUP BY b.queue"
 )
-ROUTE_BY_TYPE = {
-    "direct": _ROUTE.replace("{match}", "b.routing_key = :routing_key"),
-    "fanout": _ROUTE.replace("{match}", "1"),
-    "topic": _ROUTE.replace("{match}", "kombu_topic_match(b.routing_key, :routing_key)"),
+_MATCH_BY_TYPE = {
+    "direct": "b.routing_key = :routing_key",
+    "fanout": "1",
+    "topic": "kombu_topic_match(b.routing_key, :routing_key)",
 }
-BOUND = "SELECT 1 FROM {p}binding WHERE exchange = ? LIMIT 1"
+ROUTE_BY_TYPE = {kind: _ROUTE.replace("{match}", match) for kind, match in _MATCH_BY_TYPE.items()}
+# Whether a message for the exchange and routing key would reach any queue (a read).
+ROUTED_BY_TYPE = {
+    kind: "SELECT 1 FROM {p}binding AS b WHERE b.exchange = :exchange AND " + match + " LIMIT 1"
+    for kind, match in _MATCH_BY_TYPE.items()
+}
 READY = (
     "SELECT 1 FROM {p}message WHERE queue = :queue AND visible_at <= :now"
     " AND (expires_at IS NULL OR expires_at > :now) LIMIT 1"
@@ -443,10 +448,11 @@ class Store:
     ) -> int:
         """Route ``payload`` to queues and store it once per queue; returns how many.
 
-        A message for an exchange with no binding at all (Celery's event exchange while
-        no monitor listens) is dropped after a read, without taking the write lock.
+        A message no binding routes (Celery's task events while no monitor listens,
+        gossip's queue taking only worker events) is dropped after a read, without
+        taking the write lock.
         """
-        if exchange and self.conn.execute(self.sql(BOUND), (exchange,)).fetchone() is None:
+        if exchange and not self.routes(exchange, routing_key):
             return 0
         params = {
             "payload": json.dumps(payload),
@@ -459,6 +465,12 @@ class Store:
         }
         statement = PUT if not exchange else ROUTE_BY_TYPE[self.exchange_type(exchange)]
         return self._write(statement, params)[1]
+
+    def routes(self, exchange: str, routing_key: str) -> bool:
+        """Whether a message to ``exchange`` with ``routing_key`` would reach a queue now."""
+        statement = self.sql(ROUTED_BY_TYPE[self.exchange_type(exchange)])
+        params = {"exchange": exchange, "routing_key": routing_key}
+        return self.conn.execute(statement, params).fetchone() is not None
 
     def has_ready(self, queue: str) -> bool:
         """Cheap read-only check before taking the write lock to claim."""
