@@ -21,7 +21,7 @@ from cl_tasks.jobs import job_store
 from cl_tasks.modules import ModuleError, venv_python
 from cl_tasks.presence import Announcer
 from cl_tasks.settings import SettingsError, check_topic_level, current
-from cl_tasks.tasks import compute_modules, is_compute, register
+from cl_tasks.tasks import compute_modules, is_compute, register, start_runners
 from transports.wakeup import interrupt
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,13 @@ def prepare_modules(sender: Any = None, instance: Any = None, **_: Any) -> None:
         if failures[module.name] is not None:
             logger.error("task type %s (module %s) is not consumed by this worker", task_type, module.name)
             queues.deselect(task_type)
+
+
+@signals.worker_process_init.connect
+def warm_runners(**_: Any) -> None:
+    """A new pool process starts the runners of the task types its worker consumes."""
+    queues = app.amqp.queues
+    start_runners(queues.consume_from or queues)
 
 
 @signals.celeryd_after_setup.connect

@@ -180,3 +180,45 @@ def test_revoke_terminate_stops_the_runner_and_fails_the_row(
     assert row["status"] == "error"
     assert row["error_message"] == "revoked: terminated with SIGTERM while running"
     assert runner_gone(server_dir / "hang.pid")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
+    parents: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def runners_below(pid: int, module: str) -> list[int]:
+    runners = []
+    for child in descendants(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if f"{module}/runner.py" in argv:
+            runners.append(child)
+    return runners
+
+
+def test_pool_processes_start_their_runners_before_the_first_job(
+    jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    # Given a prefork worker with two processes for ledger_echo, and no job sent
+    worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "2")
+    # Then each pool process has started its runner already: no job waits for one
+    deadline = time.monotonic() + 15
+    while len(runners_below(worker.process.pid, "ledger_tools")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(runners_below(worker.process.pid, "ledger_tools")) == 2, worker.text()[-2000:]
