@@ -6,6 +6,9 @@ Features
 * Supports Direct: Yes (bindings are rows, shared by every process on the file)
 * Supports Topic: Yes
 * Supports Fanout: Yes (so ``celery inspect``/``control``, events and Flower work)
+* Unrouted messages: a publish no binding routes (task events while no monitor
+  listens) is dropped after one read, without the write lock;
+  :meth:`Channel.routes` lets a publisher ask first
 * Supports Priority: 0-9, higher first, FIFO within a priority
 * Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
   ``expiration``
