@@ -594,7 +594,8 @@ class Channel(virtual.Channel):
 
     def upkeep(self, now: float) -> None:
         """Settle refused acks and releases, extend our leases, keep queues alive, sweep when due."""
-        self.flush_acks()  # a backstop: deferred acks are normally flushed within a loop round
+        # A backstop: deferred acks normally go with a claim, or within a loop round.
+        self.flush_acks(waited=ACK_WAIT)
         for row_id, ack in list(self._unsettled.items()):
             self._settle(row_id, ack)
             del self._unsettled[row_id]
