@@ -74,9 +74,7 @@ def test_capabilities_idle_count_and_heartbeat(
     start_worker(mqtt_env, "-Q", "ledger_echo,misbehave", "-c", "2")
     # Given a subscriber that comes after the worker's first announcement (seen by a probe,
     # so the race with it is gone): it gets the retained message
-    probe = Subscriber(topic)
-    probe.wait_for(lambda ms: any(m.topic == topic for m in ms))
-    probe.close()
+    wait_announced(topic)
     subscriber = Subscriber(f"{prefix}/workers/#")
     first = subscriber.wait_for(lambda ms: any(m.retain for m in ms if m.topic == topic))[0]
     announced = first.json()
@@ -150,17 +148,26 @@ def retained(topic: str, port: int = 1883, wait: float = 1.0) -> bytes | None:
     return found[-1] if found else None
 
 
+def wait_announced(topic: str) -> None:
+    """Wait for a worker's first announcement (it may come a moment after "ready.")."""
+    probe = Subscriber(topic)
+    probe.wait_for(lambda ms: any(m.topic == topic and m.payload for m in ms))
+    probe.close()
+
+
 def test_sigterm_clears_and_sigkill_is_cleared_by_the_will(
     mqtt_env: dict[str, str], prefix: str, start_worker: StartWorker
 ) -> None:
     topic = f"{prefix}/workers/worker-1"
     graceful = start_worker(mqtt_env, "-Q", "ledger_echo", "-c", "1")
+    wait_announced(topic)
     assert retained(topic)
     graceful.process.send_signal(signal.SIGTERM)
     graceful.process.wait(timeout=30)
     assert retained(topic) is None
     killed = start_worker({**mqtt_env, "WORKER_ID": "worker-2"}, "-Q", "ledger_echo", "-c", "1", name="w2")
     topic2 = f"{prefix}/workers/worker-2"
+    wait_announced(topic2)
     assert retained(topic2)
     killed.kill()
     deadline = time.monotonic() + 40
@@ -339,9 +346,7 @@ def test_celery_control_shutdown_clears_the_retained_message(
     topic = f"{prefix}/workers/worker-1"
     worker = start_worker(mqtt_env, "-Q", "ledger_echo", "-c", "1")
     # (the first announcement may come a moment after "ready.": wait for it)
-    probe = Subscriber(topic)
-    probe.wait_for(lambda ms: any(m.topic == topic for m in ms))
-    probe.close()
+    wait_announced(topic)
     assert retained(topic)
     node = f"w1@{socket.gethostname()}"
     subprocess.run(
