@@ -13,10 +13,11 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 
 from tests.conftest import PYTHON, subprocess_env
 from transports.sqlite import ACK_WAIT, Options, Transport
@@ -311,64 +312,63 @@ def held(url: str) -> int:
     return int(rows(url, "SELECT count(*) FROM kombu_message WHERE lease_owner IS NOT NULL")[0][0])
 
 
-def test_a_consumer_claims_once_half_its_prefetch_window_is_free(sqlite_url: str) -> None:
-    # Given a consumer with a prefetch of 8 holding 8 unacked messages of 20
-    with Connection(sqlite_url) as conn:
+@contextlib.contextmanager
+def holding_eight_of_twenty(url: str) -> Iterator[tuple[Connection, list[Message]]]:
+    """A consumer with a prefetch of 8 holding 8 unacked messages of 20 (and the messages)."""
+    with Connection(url) as conn:
         publish(conn, *(f"m{n}" for n in range(20)))
-        got: list[object] = []
+        got: list[Message] = []
         channel = conn.channel()
         with Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)]):
             channel.basic_qos(0, 8, False)
             conn.drain_events(timeout=5)
-            # The lease keeper's own upkeep (lease extension, queue touch) would blur the count
+            # The lease keeper's own upkeep (lease extension, queue touch) would blur write counts
             channel.connection.keeper.unregister(channel)
             time.sleep(0.1)  # an upkeep already under way ends
-            assert (len(got), held(sqlite_url)) == (8, 8)
-            # When three are acked (five held): no claim for three slots
-            for message in got[:3]:
-                message.ack()
-            with pytest.raises(TimeoutError):
-                conn.drain_events(timeout=0.3)
-            assert (len(got), held(sqlite_url)) == (8, 5)
-            # When a fourth is acked (half the window free): four more, in one claim
-            got[3].ack()
-            before = conn.transport.store.local_writes
-            conn.drain_events(timeout=5)
-            assert conn.transport.store.local_writes - before == 1
-            assert (len(got), held(sqlite_url)) == (12, 8)
+            assert (len(got), held(url)) == (8, 8)
+            yield conn, got
+
+
+def test_a_consumer_claims_once_half_its_prefetch_window_is_free(sqlite_url: str) -> None:
+    # Given a consumer with a prefetch of 8 holding 8 unacked messages of 20
+    with holding_eight_of_twenty(sqlite_url) as (conn, got):
+        # When three are acked (five held): no claim for three slots
+        for message in got[:3]:
+            message.ack()
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.3)
+        assert (len(got), held(sqlite_url)) == (8, 5)
+        # When a fourth is acked (half the window free): four more, in one claim
+        got[3].ack()
+        before = conn.transport.store.local_writes
+        conn.drain_events(timeout=5)
+        assert conn.transport.store.local_writes - before == 1
+        assert (len(got), held(sqlite_url)) == (12, 8)
 
 
 def test_event_loop_acks_go_with_the_next_claim_or_alone_after_ack_wait(sqlite_url: str) -> None:
     # Given a consumer run as in Celery's event loop (acks are deferred in its thread)
-    with Connection(sqlite_url) as conn:
-        publish(conn, *(f"m{n}" for n in range(20)))
-        got: list[object] = []
-        channel = conn.channel()
-        with Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)]):
-            channel.basic_qos(0, 8, False)
-            conn.drain_events(timeout=5)
-            channel.connection.keeper.unregister(channel)  # its upkeep writes would blur the count
-            time.sleep(0.1)  # an upkeep already under way ends
-            transport = conn.transport
-            transport.loop_thread = threading.get_ident()
-            store = transport.store
-            # When two are acked and the loop ticks at once: they wait (no claim for two)
-            for message in got[:2]:
-                message.ack()
-            transport._flush_acks()
-            assert held(sqlite_url) == 8
-            # Then, ACK_WAIT later, the next tick deletes them on their own
-            time.sleep(ACK_WAIT)
-            transport._flush_acks()
-            assert held(sqlite_url) == 6
-            # When two more are acked (half the window free), the tick claims four more
-            # with those acks in the claim's transaction: one write
-            for message in got[2:4]:
-                message.ack()
-            before = store.local_writes
-            transport._flush_acks()
-            assert store.local_writes - before == 1
-            assert (len(got), held(sqlite_url)) == (12, 8)
+    with holding_eight_of_twenty(sqlite_url) as (conn, got):
+        transport = conn.transport
+        transport.loop_thread = threading.get_ident()
+        store = transport.store
+        # When two are acked and the loop ticks at once: they wait (no claim for two)
+        for message in got[:2]:
+            message.ack()
+        transport._flush_acks()
+        assert held(sqlite_url) == 8
+        # Then, ACK_WAIT later, the next tick deletes them on their own
+        time.sleep(ACK_WAIT)
+        transport._flush_acks()
+        assert held(sqlite_url) == 6
+        # When two more are acked (half the window free), the tick claims four more
+        # with those acks in the claim's transaction: one write
+        for message in got[2:4]:
+            message.ack()
+        before = store.local_writes
+        transport._flush_acks()
+        assert store.local_writes - before == 1
+        assert (len(got), held(sqlite_url)) == (12, 8)
     assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(16,)]
 
 
