@@ -1,11 +1,11 @@
 """Celery settings of cl_tasks: edit here, or set the environment variables (README).
 
-Every environment variable is read once, through :func:`cl_tasks.settings.load`.
+Every environment variable is read once, through :func:`cl_tasks.settings.current`.
 """
 
-from cl_tasks.settings import load
+from cl_tasks.settings import current
 
-_settings = load()
+_settings = current()
 
 broker_url = _settings.broker_url
 result_backend = _settings.result_backend

@@ -1,16 +1,27 @@
-"""The Celery app of cl_tasks (``celery -A cl_tasks``), configured from ``celeryconfig``.
+"""The Celery app of cl_tasks (``celery -A cl_tasks``) and the one path by which jobs are submitted.
+
+The app is configured from ``celeryconfig``. :class:`App` is Celery's app with
+one submit path for compute jobs: ``image_resize.delay(...)``,
+``app.send_task("image_resize", ...)``, ``submit_job(...)``, a chain's next
+step and a task's own retry all reach :meth:`App.send_task`, which
+
+1. checks the serializer and encodes the params once (:mod:`cl_tasks.messages`),
+2. writes the ``jobs`` row (job_id = task id) with its intake reserved,
+3. publishes the message, and
+4. marks the reservation published.
+
+A row that cannot be written raises from the call, so a client never holds a
+task id of a job that has no row. Intake, whose rows exist already, publishes
+through :meth:`App.publish_job` (steps 3 only; it marks its batches itself).
+Other tasks are published as Celery does.
 
 When a worker starts (not at import, and not in clients), ``CL_SERVER_DIR`` is
 created with owner-only rights if it is missing, and the SQLite database file
 with mode 0600, so the embedded default works on a fresh machine. A client
 (``.delay``, ``cl-tasks submit``) never creates them: on a missing folder the
 broker names the path and the fix. A ``DATABASE_URL`` outside
-``CL_SERVER_DIR`` is never created either.
-
-The app is :class:`cl_tasks.messages.App` and its workers use
-:class:`cl_tasks.messages.Consumer`: clients refuse to publish a serializer the
-workers refuse (pickle) or oversized job params, and a worker refuses a
-malformed message (dead letter) instead of stopping on it.
+``CL_SERVER_DIR`` is never created either. At shutdown the consumer is woken
+at once, so it does not sit out its drain timeout.
 """
 
 from __future__ import annotations
@@ -18,11 +29,43 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
+from celery.result import AsyncResult
+from kombu.utils.uuid import uuid
 
 import transports  # noqa: F401 - registers the ``sqlite://`` broker alias
 from cl_tasks import flower_support
-from cl_tasks.messages import App
+from cl_tasks.catalog import is_compute
+from cl_tasks.jobs import job_store
+from cl_tasks.messages import check_serializer, encode_params
+from cl_tasks.settings import current
+from transports.wakeup import interrupt
+
+
+class App(Celery):  # type: ignore[misc]
+    """The Celery app of cl_tasks: compute jobs get their ``jobs`` row before their message."""
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        check_serializer(
+            name, options.get("serializer") or self.conf.task_serializer, self.conf.accept_content
+        )
+        if not is_compute(name):
+            return super().send_task(name, args, kwargs, **options)
+        params = dict(kwargs or {})
+        text = encode_params(name, params, current().job_params_max_bytes)
+        task_id = options.pop("task_id", None) or uuid()
+        store = job_store()
+        store.create(task_id, name, text, priority=options.get("priority"))
+        result = super().send_task(name, args, params, task_id=task_id, **options)
+        store.mark_published([task_id])
+        return result
+
+    def publish_job(
+        self, job_id: str, task_type: str, params: dict[str, Any], priority: int | None
+    ) -> AsyncResult:
+        """Publish the message of a job whose row exists and is reserved (intake's path)."""
+        return super().send_task(task_type, kwargs=params, task_id=job_id, queue=task_type, priority=priority)
+
 
 app = App("cl_tasks", events="cl_tasks.events:Events")
 app.config_from_object("celeryconfig")
@@ -35,11 +78,15 @@ flower_support.install()
 @signals.celeryd_init.connect
 def prepare_server_dir(**_: Any) -> None:
     """Create ``CL_SERVER_DIR`` (0700) and the SQLite database (0600) when a worker starts."""
-    from cl_tasks.settings import current
-
     settings = current()
     settings.server_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     database = settings.sqlite_path
     if database is not None and database.parent.is_dir() and not database.exists():
         # Owner-only from the start, whichever of broker and result backend opens it first.
         os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+@signals.worker_shutting_down.connect
+def wake_consumer(**_: Any) -> None:
+    """Wake the consumer now, so shutdown does not wait out a drain timeout."""
+    interrupt()

@@ -30,7 +30,13 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cl_tasks.settings import Settings, SettingsError, check_topic_level, load
+from cl_tasks.app import app
+from cl_tasks.jobs import job_store
+from cl_tasks.modules import discover
+from cl_tasks.mqtt import clear_retained
+from cl_tasks.queues import queue_depths
+from cl_tasks.settings import Settings, SettingsError, check_topic_level, current
+from cl_tasks.tasks import submit_job
 from cl_tasks.terminal import Terminal
 
 #: Seconds between looks at a job followed with ``submit --wait``.
@@ -106,8 +112,6 @@ def _worker(settings: Settings, args: argparse.Namespace, rest: Sequence[str]) -
 
 
 def _task_types(settings: Settings) -> dict[str, Any]:
-    from cl_tasks.modules import discover
-
     return dict(discover(settings.modules_dir, settings.supported_tasks))
 
 
@@ -141,8 +145,6 @@ def _submit(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
     if args.task not in known:
         raise CommandError(f"unknown task type {args.task!r}; known: {', '.join(sorted(known)) or 'none'}")
     params = parse_params(args.params)
-    from cl_tasks.tasks import submit_job
-
     job_id = submit_job(args.task, params, priority=args.priority).id
     if not args.wait:
         out.line(json.dumps({"job_id": job_id}) if args.json else job_id)
@@ -160,8 +162,6 @@ def _submit(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
 
 
 def _follow(job_id: str, timeout: float, out: Terminal | None) -> Any:
-    from cl_tasks.jobs import job_store
-
     store = job_store()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -196,8 +196,6 @@ def _when(ms: int | None) -> str:
 
 def _jobs(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
     _check_database(settings)
-    from cl_tasks.jobs import job_store
-
     rows = job_store().recent(status=args.status, limit=args.limit)
     if args.json:
         out.line(json.dumps([_job_dict(row) for row in rows]))
@@ -221,8 +219,6 @@ def _jobs(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
 
 def _job(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
     _check_database(settings)
-    from cl_tasks.jobs import job_store
-
     row = job_store().get(args.job_id)
     if row is None:
         raise CommandError(f"no job {args.job_id!r}; `cl-tasks jobs` lists them")
@@ -247,20 +243,11 @@ def _shown(key: str, value: Any, out: Terminal) -> str:
 
 def _queues(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
     _check_database(settings)
-    from kombu.connection import Connection
-
-    from cl_tasks.jobs import job_store
-    from transports.sqlite import Transport  # noqa: F401 - registers sqlite:// for kombu
-
     backlog = job_store().backlog()
     types = sorted(set(_task_types(settings)) | set(backlog))
-    depths = {}
-    with Connection(settings.broker_url) as conn:
-        for name in types:
-            try:
-                depths[name] = int(conn.default_channel.queue_declare(name, passive=True).message_count)
-            except conn.channel_errors:
-                depths[name] = 0
+    # The app's connection: celeryconfig.py's broker_url and transport options count.
+    with app.connection_for_read() as conn:
+        depths = queue_depths(conn, types)
     rows = [(name, depths[name], backlog.get(name, 0)) for name in types]
     if args.json:
         out.line(json.dumps([{"task_type": n, "messages": m, "queued_jobs": q} for n, m, q in rows]))
@@ -270,8 +257,6 @@ def _queues(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
 
 
 def _cleanup_mqtt(settings: Settings, args: argparse.Namespace, out: Terminal) -> int:
-    from cl_tasks.mqtt import clear_retained
-
     mqtt = replace(
         settings.mqtt, host=args.broker or settings.mqtt.host, port=args.port or settings.mqtt.port
     )
@@ -298,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "worker" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        settings = load()
+        settings = current()
         if args.command == "worker":
             return _worker(settings, args, rest)
         return COMMANDS[args.command](settings, args, Terminal())

@@ -17,7 +17,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from celery.events import state
 from kombu.connection import Connection
+
+from cl_tasks.queues import queue_depths
 
 _installed = False
 
@@ -31,14 +34,7 @@ class SQLiteQueues:
 
     async def queues(self, names: list[str]) -> list[dict[str, Any]]:
         with Connection(self.broker_url, transport_options=self.options) as conn:
-            return [{"name": name, "messages": _depth(conn, name)} for name in names]
-
-
-def _depth(conn: Connection, name: str) -> int:
-    try:
-        return int(conn.default_channel.queue_declare(name, passive=True).message_count)
-    except conn.channel_errors:
-        return 0
+            return [{"name": name, "messages": depth} for name, depth in queue_depths(conn, names).items()]
 
 
 def install() -> None:
@@ -46,9 +42,8 @@ def install() -> None:
     global _installed  # noqa: PLW0603 - patch once per process
     if _installed or "flower.utils.broker" not in sys.modules:
         return
-    import flower.utils.broker as flower_broker
-    import flower.views as flower_views
-    from celery.events import state
+    import flower.utils.broker as flower_broker  # noqa: PLC0415 - optional: the ``flower`` extra
+    import flower.views as flower_views  # noqa: PLC0415 - optional: the ``flower`` extra
 
     original = flower_broker.Broker
 

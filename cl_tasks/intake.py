@@ -10,10 +10,13 @@ full scan every ``WORKER_POLL_INTERVAL`` seconds. Reservations whose publisher
 died before publishing are dropped after a minute and published again.
 
 A row whose ``params`` is not a JSON object, or is past ``JOB_PARAMS_MAX_BYTES``
-(as stored, or as the JSON that would cross the broker), ends ``error`` at once.
+as stored, ends ``error`` at once.
 A ``priority`` that is not a number is logged and the job runs at the default
 priority (it orders jobs; it is not the job's input). A row of a task type no
 worker runs stays ``queued`` until a worker for it starts.
+
+Intake runs once per worker: it starts when the worker is ready
+(``worker_ready``, which repeats on reconnect) and stops at shutdown.
 """
 
 from __future__ import annotations
@@ -23,19 +26,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from celery import Celery
+from celery import signals
 
-from cl_tasks.jobs import DiskFull, Job, JobStore
-from cl_tasks.messages import params_size, params_too_large
-from cl_tasks.settings import Settings
+from cl_tasks.app import App
+from cl_tasks.catalog import consumed_task_types
+from cl_tasks.jobs import Job, JobStore, job_store
+from cl_tasks.messages import params_too_large
+from cl_tasks.settings import Settings, current
 from transports.store import DatabaseFull
 from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
 
-#: Message header marking a publish by intake (its row exists already).
-INTAKE_HEADER = "cl_tasks_intake"
 #: Rows reserved per transaction.
 BATCH = 100
 #: Seconds after which an unpublished reservation is given up and retried.
@@ -50,7 +54,7 @@ class Intake(threading.Thread):
     """Publishes queued rows of ``task_types()`` until :meth:`stop` is called."""
 
     def __init__(
-        self, app: Celery, store: JobStore, settings: Settings, task_types: Callable[[], Iterable[str]]
+        self, app: App, store: JobStore, settings: Settings, task_types: Callable[[], Iterable[str]]
     ) -> None:
         super().__init__(name="cl_tasks-intake", daemon=True)
         self._app = app
@@ -78,7 +82,7 @@ class Intake(threading.Thread):
                     last_id = self.scan(after_id=0)
                 else:
                     last_id = max(last_id, self.scan(after_id=last_id))
-            except (DiskFull, DatabaseFull) as exc:
+            except DatabaseFull as exc:
                 logger.error("intake of queued jobs waits: %s", exc)
             except Exception:
                 logger.exception("intake of queued jobs failed; retrying")
@@ -134,20 +138,7 @@ class Intake(threading.Thread):
         if not isinstance(params, dict):
             self._store.fail(job.job_id, "params must be a JSON object of the job's parameters")
             return False
-        problem = params_too_large(params_size(params), limit)
-        if problem:
-            self._store.fail(job.job_id, problem)
-            return False
-        priority = self._priority(job)
-        # The row exists and is reserved: the publish hook need not write it again.
-        self._app.send_task(
-            job.task_type,
-            kwargs=params,
-            task_id=job.job_id,
-            queue=job.task_type,
-            priority=priority,
-            headers={INTAKE_HEADER: True},
-        )
+        self._app.publish_job(job.job_id, job.task_type, params, self._priority(job))
         logger.info("queued job %s (%s) published", job.job_id, job.task_type)
         return True
 
@@ -164,3 +155,26 @@ class Intake(threading.Thread):
                 job.priority,
             )
             return None
+
+
+class IntakeStarter:
+    """Starts this worker's :class:`Intake` when it is ready (once) and stops it at shutdown."""
+
+    def __init__(self) -> None:
+        self.intake: Intake | None = None
+
+    def on_ready(self, sender: Any = None, **_: Any) -> None:
+        if self.intake is not None or sender is None:
+            return
+        self.intake = Intake(sender.app, job_store(), current(), lambda: consumed_task_types(sender))
+        self.intake.start()
+        logger.info("intake started for %s", list(consumed_task_types(sender)))
+
+    def on_shutting_down(self, **_: Any) -> None:
+        if self.intake is not None:
+            self.intake.stop()
+
+
+_starter = IntakeStarter()
+signals.worker_ready.connect(_starter.on_ready, weak=False)
+signals.worker_shutting_down.connect(_starter.on_shutting_down, weak=False)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -55,6 +55,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from cl_tasks.settings import current
+from transports.process import PerProcess
+from transports.store import DatabaseFull
 
 #: :meth:`JobStore.max_id` on SQLite, in the driver's own terms.
 MAX_ID_SQLITE = "SELECT coalesce(max(id), 0) FROM jobs"
@@ -120,10 +124,6 @@ POSTGRESQL_DISK_FULL = "53100"
 
 class JobsTableError(RuntimeError):
     """Raised when the ``jobs`` table exists but lacks a column the worker needs."""
-
-
-class DiskFull(RuntimeError):
-    """Raised when a write fails because the database's disk is full; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -196,19 +196,14 @@ class JobStore:
     def __init__(self, url: str, *, synchronous: str = "NORMAL") -> None:
         self.url = url
         self.synchronous = synchronous
-        self._engine: Engine | None = None
-        self._pid = 0
+        # Pooled connections must never cross a fork: each process makes its own engine.
+        self._engine: PerProcess[Engine] = PerProcess(self._create_engine)
         self._columns: frozenset[str] = frozenset()
-        self._lock = threading.Lock()
         self._statements: dict[Any, Any] = {}
 
     @property
     def engine(self) -> Engine:
-        with self._lock:
-            if self._engine is None or self._pid != os.getpid():
-                self._engine = self._create_engine()
-                self._pid = os.getpid()
-        return self._engine
+        return self._engine.get()
 
     def _create_engine(self) -> Engine:
         url = sqlalchemy_url(self.url)
@@ -234,7 +229,7 @@ class JobStore:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); a full disk raises :class:`DiskFull`."""
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); a full disk raises :class:`DatabaseFull`."""
         try:
             with self.engine.begin() as conn:
                 yield conn
@@ -243,15 +238,15 @@ class JobStore:
                 raise
             raise self._disk_full() from exc
 
-    def _disk_full(self) -> DiskFull:
-        """:class:`DiskFull` naming this database and where space must be freed."""
+    def _disk_full(self) -> DatabaseFull:
+        """:class:`DatabaseFull` naming this database and where space must be freed."""
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database:
             where = url.database
             disk = f"the filesystem of {os.path.dirname(os.path.abspath(where))}"
         else:
             where, disk = url.render_as_string(), "the database server"
-        return DiskFull(f"cannot write the jobs table in {where}: the disk is full; free space on {disk}")
+        return DatabaseFull(f"cannot write the jobs table in {where}: the disk is full; free space on {disk}")
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -287,20 +282,20 @@ class JobStore:
         self,
         job_id: str,
         task_type: str,
-        params: dict[str, Any],
+        params: str,
         *,
         priority: int | None = None,
         created_by: str | None = None,
     ) -> bool:
-        """Insert a queued row and reserve its intake (its message is on the way).
+        """Insert a queued row with ``params`` (its JSON text) and reserve its intake.
 
-        Returns False when the row already exists (a retry, or intake's own
-        publish): nothing is changed then.
+        Its message is on the way (the caller publishes it next). Returns False
+        when the row already exists (a retry): nothing is changed then.
         """
         values: dict[str, Any] = {
             "job_id": job_id,
             "task_type": task_type,
-            "params": json.dumps(params),
+            "params": params,
             "status": QUEUED,
             "progress": 0,
             "created_at": now_ms(),
@@ -567,15 +562,8 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return getattr(error, "sqlstate", None) == POSTGRESQL_DISK_FULL
 
 
-_store: JobStore | None = None
-
-
+@cache
 def job_store() -> JobStore:
-    """The process's :class:`JobStore` on ``DATABASE_URL``."""
-    global _store  # noqa: PLW0603 - one store per process, made on first use
-    if _store is None:
-        from cl_tasks.settings import current
-
-        settings = current()
-        _store = JobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
-    return _store
+    """The :class:`JobStore` on ``DATABASE_URL`` (its engine is made per process)."""
+    settings = current()
+    return JobStore(settings.database_url, synchronous=settings.sqlite_synchronous)

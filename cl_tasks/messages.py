@@ -1,15 +1,16 @@
 """What crosses the broker: JSON task messages of a bounded size, and nothing a worker trips on.
 
-Client side (:class:`App`, the ``cl_tasks`` Celery app):
+Client side (checks :class:`cl_tasks.app.App` makes before it publishes):
 
-* A task is published only in a serializer the workers accept
-  (``accept_content``, JSON): ``send_task(..., serializer="pickle")``,
-  ``apply_async(serializer="pickle")`` or a ``task_serializer`` edited to pickle
-  raise :class:`~kombu.exceptions.ContentDisallowed` before anything is sent.
-  (Celery itself checks ``accept_content`` only when it reads a message, so a
-  client would publish pickle and leave the worker to refuse it.)
-* A compute job whose params JSON is past ``JOB_PARAMS_MAX_BYTES`` raises
-  :class:`JobParamsTooLarge` before its ``jobs`` row or its message is written.
+* :func:`check_serializer`: a task is published only in a serializer the
+  workers accept (``accept_content``, JSON): ``send_task(...,
+  serializer="pickle")`` or a ``task_serializer`` edited to pickle raise
+  :class:`~kombu.exceptions.ContentDisallowed` before anything is sent. (Celery
+  itself checks ``accept_content`` only when it reads a message, so a client
+  would publish pickle and leave the worker to refuse it.)
+* :func:`encode_params`: a compute job's params become the JSON text its
+  ``jobs`` row stores, once; past ``JOB_PARAMS_MAX_BYTES`` they raise
+  :class:`JobParamsTooLarge` before the row or the message is written.
 
 Worker side (:class:`Consumer`, set as ``worker_consumer``):
 
@@ -34,10 +35,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.serialization import prepare_accept_content
+
+from transports.sqlite import SQLiteMessage
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +49,6 @@ BODY_SHAPE = "[args (a list), kwargs (an object), embed (an object)]"
 
 class JobParamsTooLarge(ValueError):
     """Raised at submit when a job's params are past ``JOB_PARAMS_MAX_BYTES``."""
-
-
-def params_size(params: Any) -> int:
-    """Bytes of ``params`` as JSON (UTF-8), as the ``jobs`` row stores them."""
-    return len(json.dumps(params).encode("utf-8"))
 
 
 def params_too_large(size: int, limit: int) -> str | None:
@@ -64,35 +61,30 @@ def params_too_large(size: int, limit: int) -> str | None:
     )
 
 
-class App(Celery):  # type: ignore[misc]
-    """The Celery app of cl_tasks: refuses to publish what its workers would refuse."""
+def encode_params(task_type: str, params: dict[str, Any], limit: int) -> str:
+    """``params`` as the JSON text a ``jobs`` row stores; raises past ``limit`` bytes.
 
-    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        serializer = options.get("serializer") or self.conf.task_serializer
-        accepted = prepare_accept_content(self.conf.accept_content)
-        if not prepare_accept_content([serializer]) <= accepted:
-            raise ContentDisallowed(
-                f"task {name}: serializer {serializer!r} is refused; only {sorted(accepted)}"
-                " crosses the broker (accept_content), so workers would dead-letter the message"
-            )
-        if kwargs:
-            self._check_params_size(name, kwargs)
-        return super().send_task(name, args, kwargs, **options)
+    Raises :class:`kombu.exceptions.EncodeError` for a value JSON cannot hold (as
+    Celery's serializer would) and :class:`JobParamsTooLarge` past the limit.
+    """
+    try:
+        text = json.dumps(params)
+    except (TypeError, ValueError) as exc:
+        raise EncodeError(f"job of task type {task_type}: params are not JSON: {exc}") from exc
+    problem = params_too_large(len(text.encode("utf-8")), limit)
+    if problem:
+        raise JobParamsTooLarge(f"job of task type {task_type}: {problem}")
+    return text
 
-    @staticmethod
-    def _check_params_size(name: str, kwargs: Any) -> None:
-        from cl_tasks.settings import current
-        from cl_tasks.tasks import is_compute
 
-        if not is_compute(name):
-            return
-        try:
-            size = params_size(kwargs)
-        except (TypeError, ValueError):
-            return  # not JSON at all: the serializer names the offending value
-        problem = params_too_large(size, current().job_params_max_bytes)
-        if problem:
-            raise JobParamsTooLarge(f"job of task type {name}: {problem}")
+def check_serializer(name: str, serializer: str, accept_content: Any) -> None:
+    """Raise :class:`ContentDisallowed` unless workers accept ``serializer`` (task ``name``)."""
+    accepted = prepare_accept_content(accept_content)
+    if not prepare_accept_content([serializer]) <= accepted:
+        raise ContentDisallowed(
+            f"task {name}: serializer {serializer!r} is refused; only {sorted(accepted)}"
+            " crosses the broker (accept_content), so workers would dead-letter the message"
+        )
 
 
 def body_problem(message: Any) -> str | None:
@@ -149,6 +141,6 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             reason,
         )
         if not message.acknowledged:
-            # The SQLite broker keeps this reason in its dead-letter row.
-            message.dead_letter_reason = f"refused by the worker: {reason}"
+            if isinstance(message, SQLiteMessage):  # it keeps the reason in its dead-letter row
+                message.dead_letter_reason = f"refused by the worker: {reason}"
             message.reject_log_error(logger, self.connection_errors)

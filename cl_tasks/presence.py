@@ -11,44 +11,59 @@
 * ``BROADCAST_TYPE=noop``: nothing is published and no connection is made.
 
 Every handler catches and logs: MQTT never fails or delays a task.
+
+Signals of this concern: the worker id is checked at setup (one MQTT topic
+level), the announcer starts when the worker is ready (once) and clears the
+retained message at shutdown.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from celery import signals
+from celery.worker import state as worker_state
+
 from cl_tasks import hooks
+from cl_tasks.catalog import consumed_task_types
 from cl_tasks.mqtt import Capabilities, JobEvent, Publisher
-from cl_tasks.settings import MqttSettings, current
+from cl_tasks.settings import MqttSettings, SettingsError, check_topic_level, current
+from transports.process import PerProcess
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between looks at the pool for busy/idle changes.
 WATCH_EVERY = 0.05
 
-_publisher: tuple[int, Publisher] | None = None
+
+class _Client:
+    """This process's MQTT client slot: made by the first caller (the worker's, with its Will)."""
+
+    def __init__(self) -> None:
+        self.publisher: Publisher | None = None
+        self.lock = threading.Lock()
+
+
+_client: PerProcess[_Client] = PerProcess(_Client)
 
 
 def publisher(
     *, will_topic: str | None = None, on_connect: Callable[[], None] | None = None
 ) -> Publisher | None:
     """This process's MQTT client (None with ``BROADCAST_TYPE=noop``), made on first use."""
-    global _publisher  # noqa: PLW0603 - one client per process
     settings = current().mqtt
     if not settings.enabled:
         return None
-    if _publisher is None or _publisher[0] != os.getpid():
-        role = "worker" if will_topic else "jobs"
-        _publisher = (
-            os.getpid(),
-            Publisher(settings, role=role, will_topic=will_topic, on_connect=on_connect),
-        )
-    return _publisher[1]
+    slot = _client.get()
+    with slot.lock:
+        if slot.publisher is None:
+            role = "worker" if will_topic else "jobs"
+            slot.publisher = Publisher(settings, role=role, will_topic=will_topic, on_connect=on_connect)
+        return slot.publisher
 
 
 def _publish_event(event: JobEvent) -> None:
@@ -93,6 +108,8 @@ class Announcer(threading.Thread):
         self._idle_count = idle_count
         self._stopped = threading.Event()
         self._last: tuple[tuple[str, ...], int] | None = None
+        # The client may connect (and call announce) before publisher() returns.
+        self._client: Publisher | None = None
         self._client = publisher(will_topic=self.topic, on_connect=self.announce)
 
     def announce(self) -> None:
@@ -119,3 +136,47 @@ class Announcer(threading.Thread):
         self._stopped.set()
         if self._client is not None:
             self._client.close(clear_topic=self.topic)
+
+
+def idle_count(consumer: Any) -> int:
+    """Free pool slots of the worker whose consumer is ``consumer``."""
+    pool = getattr(consumer, "pool", None)
+    concurrency = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
+    return int(concurrency) - len(worker_state.active_requests)
+
+
+@signals.celeryd_after_setup.connect
+def check_worker_id(sender: str | None = None, **_: Any) -> None:
+    """The worker id is one MQTT topic level; refuse to start otherwise (naming the variable)."""
+    if current().worker_id is None and current().mqtt.enabled and sender:
+        try:
+            check_topic_level(sender, "the worker node name (-n/--hostname; or set WORKER_ID)")
+        except SettingsError as exc:
+            logger.critical("%s", exc)
+            raise SystemExit(1) from exc
+
+
+class AnnouncerStarter:
+    """Starts this worker's :class:`Announcer` when it is ready (once); clears it at shutdown."""
+
+    def __init__(self) -> None:
+        self.announcer: Announcer | None = None
+
+    def on_ready(self, sender: Any = None, **_: Any) -> None:
+        settings = current()
+        if self.announcer is not None or sender is None or not settings.mqtt.enabled:
+            return
+        worker_id = settings.worker_id or sender.hostname
+        self.announcer = Announcer(
+            settings.mqtt, worker_id, lambda: consumed_task_types(sender), lambda: idle_count(sender)
+        )
+        self.announcer.start()
+
+    def on_shutdown(self, **_: Any) -> None:
+        if self.announcer is not None:
+            self.announcer.stop()
+
+
+_starter = AnnouncerStarter()
+signals.worker_ready.connect(_starter.on_ready, weak=False)
+signals.worker_shutdown.connect(_starter.on_shutdown, weak=False)

@@ -150,16 +150,12 @@ class Runner:
 
 
 class RunnerPool:
-    """Warm runners of this process, one per module (made again after a fork)."""
+    """Warm runners of one process, one per module (owned by that process's engine)."""
 
     def __init__(self) -> None:
         self._runners: dict[str, Runner] = {}
-        self._pid = os.getpid()
 
     def get(self, module: Module, python: Path, root: Path, confinement: Confinement) -> Runner:
-        if self._pid != os.getpid():
-            self._runners = {}
-            self._pid = os.getpid()
         runner = self._runners.get(module.name)
         if runner is None or not runner.alive():
             runner = self._runners[module.name] = Runner(module, python, root, confinement)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 #: Folder used when ``CL_SERVER_DIR`` is not set (relative to the working directory).
@@ -243,12 +244,7 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
-_current: Settings | None = None
-
-
+@cache
 def current() -> Settings:
     """The settings of this process, loaded once from ``os.environ``."""
-    global _current  # noqa: PLW0603 - one frozen object per process
-    if _current is None:
-        _current = load()
-    return _current
+    return load()

@@ -1,4 +1,4 @@
-"""The compute tasks: claim the ``jobs`` row, run the module's runner, record the end.
+"""The Celery face of compute jobs: task definitions, routing and ``submit_job``.
 
 A compute task's name is its task type and it is routed to the queue of the
 same name (``celery worker -Q image_resize`` consumes only those). It takes
@@ -8,63 +8,25 @@ the job's ``params`` as keyword arguments and returns its ``task_output``::
     app.send_task("image_resize", kwargs={...})
     submit_job("image_resize", {...}, priority=5)
 
-Each creates the ``jobs`` row too (job_id = task id; see ``cl_tasks.signals``).
-A delivery of a job that already ended is dropped; one whose job another live
-worker holds is retried when that worker's lease would run out.
-
-Params past ``JOB_PARAMS_MAX_BYTES`` are refused by the client before anything
-is written (:mod:`cl_tasks.messages`), and again here, for messages from clients
-with a larger limit: the job ends ``error`` naming the limit. Runners are
-confined by :mod:`cl_tasks.sandbox`: they write only in ``CL_SERVER_DIR`` and
-the temp folder, and never into a module venv or module folder.
+Each creates the ``jobs`` row too (job_id = task id; see :mod:`cl_tasks.app`).
+Running a job is :mod:`cl_tasks.execution`'s; every task type a compute module
+declares becomes a task when the worker starts (``worker_init``).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from functools import cache
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery import Task, signals
 from celery.result import AsyncResult
-from sqlalchemy.exc import SQLAlchemyError
 
-from cl_tasks import hooks
 from cl_tasks.app import app
-from cl_tasks.jobs import DiskFull, JobStore, job_store
-from cl_tasks.messages import params_size, params_too_large
-from cl_tasks.modules import Module, ModuleError, discover, venv_python
-from cl_tasks.paths import confine
-from cl_tasks.results import ResultBackend
-from cl_tasks.runner import JobError, RunnerPool
-from cl_tasks.sandbox import Confinement
-from cl_tasks.settings import current
+from cl_tasks.catalog import compute_modules, is_compute
+from cl_tasks.execution import engine
+from cl_tasks.runner import JobError
 
-logger = logging.getLogger(__name__)
-
-#: Seconds between progress writes to the database and the result backend.
-PROGRESS_EVERY = 0.5
-#: Seconds between tries of a job's claim or end while the database's disk is full.
-DISK_FULL_RETRY = 2.0
 #: Highest Celery priority (the SQLite broker and RabbitMQ queues use 0-9).
 MAX_PRIORITY = 9
-
-_runners = RunnerPool()
-
-
-@cache
-def compute_modules() -> dict[str, Module]:
-    """Task type -> module, discovered once per process."""
-    settings = current()
-    return discover(settings.modules_dir, settings.supported_tasks)
 
 
 class ComputeTask(Task):  # type: ignore[misc]
@@ -88,14 +50,19 @@ def _compute(self: ComputeTask, /, *args: Any, **params: Any) -> Any:
     # ``self`` is positional-only, so a job may have a parameter called "self".
     if args:
         raise JobError(f"{self.name} takes keyword arguments (the job's params), not positional ones")
-    return execute(self, params)
+    return engine().execute(self, params)
 
 
 def register(task_type: str) -> ComputeTask:
-    """The compute task of ``task_type`` (registered on first call)."""
+    """The compute task of ``task_type`` (registered on first call; finalizes the app)."""
     existing = app.tasks.get(task_type)
     if isinstance(existing, ComputeTask):
         return existing
+    return _define(task_type)
+
+
+def _define(task_type: str) -> ComputeTask:
+    """The compute task ``task_type``: a lazy proxy until the app is finalized (no I/O, no settings)."""
     task: ComputeTask = app.task(name=task_type, base=ComputeTask, bind=True)(_compute)
     return task
 
@@ -107,12 +74,8 @@ def route(
     return {"queue": name} if isinstance(task, ComputeTask) or is_compute(name) else None
 
 
-def is_compute(name: str) -> bool:
-    return isinstance(app.tasks.get(name), ComputeTask) or name in compute_modules()
-
-
-image_resize = register("image_resize")
-image_conversion = register("image_conversion")
+image_resize = _define("image_resize")
+image_conversion = _define("image_conversion")
 
 
 def submit_job(task_type: str, params: dict[str, Any], priority: int | None = None) -> AsyncResult:
@@ -128,186 +91,8 @@ def submit_job(task_type: str, params: dict[str, Any], priority: int | None = No
     return app.send_task(task_type, kwargs=params, queue=task_type, priority=priority)
 
 
-class _Leases:
-    """Renews the leases of this process's running jobs from one thread (made after fork)."""
-
-    def __init__(self) -> None:
-        self._held: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._pid = 0
-
-    @contextmanager
-    def holding(self, store: JobStore, job_id: str, owner: str, lease: float) -> Iterator[None]:
-        with self._lock:
-            if self._pid != os.getpid():
-                self._held = {}
-                self._pid = os.getpid()
-                thread = threading.Thread(target=self._renew, args=(store, lease), daemon=True)
-                thread.start()
-            self._held[job_id] = owner
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held.pop(job_id, None)
-
-    def _renew(self, store: JobStore, lease: float) -> None:
-        while True:
-            time.sleep(lease / 3)
-            with self._lock:
-                held = list(self._held.items())
-            for job_id, owner in held:
-                try:
-                    store.renew(job_id, owner, lease)
-                except Exception:  # retried next round; the lease is three rounds long
-                    continue
-
-
-_leases = _Leases()
-
-
-class _Progress:
-    """Throttled progress: jobs.progress, Celery state PROGRESS and a task-progress event."""
-
-    def __init__(self, task: ComputeTask, store: JobStore, owner: str) -> None:
-        self._task, self._store, self._owner = task, store, owner
-        self._last_sent = 0.0
-        self._last_value = -1.0
-
-    def __call__(self, progress: float) -> None:
-        progress = max(0.0, min(100.0, progress))
-        now = time.monotonic()
-        # 100 % is recorded by the completion itself, with the output.
-        if progress >= 100.0 or progress <= self._last_value or now - self._last_sent < PROGRESS_EVERY:
-            return
-        self._last_sent, self._last_value = now, progress
-        job_id = self._task.request.id
-        try:
-            self._store.set_progress(job_id, self._owner, int(progress))
-            self._task.update_state(state="PROGRESS", meta={"job_id": job_id, "progress": progress})
-        except (DiskFull, SQLAlchemyError) as exc:
-            # Progress is a hint: the job goes on; its end is what must be written.
-            logger.warning("progress %.0f%% of job %s not recorded: %s", progress, job_id, exc)
-            return
-        self._task.send_event("task-progress", progress=progress)
-        hooks.job_progress.send(sender=self._task.name, job_id=job_id, progress=progress)
-
-
-def execute(task: ComputeTask, params: dict[str, Any]) -> Any:
-    """Run one job to ``completed`` or ``error`` (raising :class:`JobError` for the latter)."""
-    settings = current()
-    store = job_store()
-    job_id = task.request.id
-    owner = f"{task.request.hostname}:{os.getpid()}:{job_id}"
-    claim = _written(lambda: store.claim(job_id, owner, settings.job_lease))
-    if claim.outcome == "missing":
-        _written(lambda: store.create(job_id, task.name, params))
-        claim = _written(lambda: store.claim(job_id, owner, settings.job_lease))
-    if claim.outcome == "done":
-        raise Ignore()
-    if claim.outcome == "busy":
-        raise task.retry(countdown=claim.retry_in + 0.5, max_retries=None)
-    hooks.job_progress.send(sender=task.name, job_id=job_id, progress=0.0)
-    with _leases.holding(store, job_id, owner, settings.job_lease):
-        try:
-            output = _run(task, params, owner)
-        except SoftTimeLimitExceeded:
-            message = f"stopped: the soft time limit of {task.request.timelimit[1]} s was exceeded"
-            _fail(store, task, owner, message)
-            raise JobError(message) from None
-        except JobError as exc:
-            _fail(store, task, owner, str(exc))
-            raise
-        except Exception as exc:
-            _fail(store, task, owner, f"internal error in the worker: {exc!r}")
-            raise
-    backend = task.backend
-    result = None
-    request = task.request
-    ignored = task.ignore_result or getattr(request, "ignore_result", False)
-    # With callbacks or a chain the tracer fills the result's ``children`` first: it stores.
-    plain = not (request.callbacks or request.chain or request.is_eager)
-    if isinstance(backend, ResultBackend) and plain and not ignored:
-        result = backend.success_writer(job_id, output, task.request)
-    if _written(lambda: store.complete(job_id, owner, output, also=result)):
-        if result is not None:
-            backend.written_with_job(job_id)
-        hooks.job_completed.send(sender=task.name, job_id=job_id, output=output)
-    return output
-
-
-_T = TypeVar("_T")
-
-
-def _written(write: Callable[[], _T]) -> _T:
-    """``write()``, tried again while the database's disk is full.
-
-    The job waits with its message unacked (a full disk is the operator's to
-    fix, not the job's fault), so it neither ends ``error`` nor gets lost.
-    """
-    while True:
-        try:
-            return write()
-        except DiskFull as exc:
-            logger.error("%s; the job waits, trying again in %.0f s", exc, DISK_FULL_RETRY)
-            time.sleep(DISK_FULL_RETRY)
-
-
-def _fail(store: JobStore, task: ComputeTask, owner: str, message: str) -> None:
-    if _written(lambda: store.fail(task.request.id, message, owner)):
-        hooks.job_failed.send(sender=task.name, job_id=task.request.id, message=message)
-
-
-@cache
-def _confinement() -> Confinement:
-    """Where runners of this worker may write, and what stays read-only for them."""
-    settings = current()
-    return Confinement(
-        writable=(settings.server_dir, Path(tempfile.gettempdir())),
-        read_only=(settings.venv_dir, settings.modules_dir),
-    )
-
-
-def start_runners(task_types: Iterable[str]) -> None:
-    """Start the runners of ``task_types``' modules now, so no job waits for one to start.
-
-    Called in each pool process as it starts (a runner takes about 0.2 s to import
-    its libraries). Only modules whose venv the worker built are started; a runner
-    that fails to start is logged and left to the first job, which reports why.
-    """
-    settings = current()
-    wanted = set(task_types)
-    modules = {module.name: module for name, module in compute_modules().items() if name in wanted}
-    for module in modules.values():
-        try:
-            python = venv_python(settings.venv_dir, module)
-            _runners.get(module, python, settings.server_dir, _confinement())
-        except (ModuleError, OSError) as exc:
-            name = module.name
-            logger.warning("runner of module %s not started ahead (the first job tries): %s", name, exc)
-
-
-def _run(task: ComputeTask, params: dict[str, Any], owner: str) -> Any:
-    settings = current()
-    module = compute_modules().get(task.name)
-    if module is None:
-        raise JobError(f"no compute module for task type {task.name} on this worker")
-    problem = params_too_large(params_size(params), settings.job_params_max_bytes)
-    if problem:
-        raise JobError(problem)
-    confined = confine(params, settings.server_dir)
-    try:
-        python = venv_python(settings.venv_dir, module)
-    except ModuleError as exc:
-        raise JobError(str(exc)) from exc
-    runner = _runners.get(module, python, settings.server_dir, _confinement())
-    try:
-        return runner.run(task.request.id, task.name, confined, _Progress(task, job_store(), owner))
-    except JobError:
-        if not runner.alive():
-            _runners.discard(module)
-        raise
-    except BaseException:
-        # Interrupted mid-job (time limit, shutdown): stop the runner's whole process group.
-        _runners.discard(module)
-        raise
+@signals.worker_init.connect
+def register_discovered_tasks(**_: Any) -> None:
+    """Every discovered task type becomes a task before the worker consumes."""
+    for task_type in compute_modules():
+        register(task_type)

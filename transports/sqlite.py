@@ -98,6 +98,8 @@ from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.transport.virtual.base import NotEquivalentError
 
+from transports.acks import AckBuffer
+from transports.process import PerProcess
 from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Store
 from transports.wakeup import CommitWatch
 
@@ -161,13 +163,19 @@ def parse_url(url: str) -> tuple[Path, dict[str, str]]:
 
 
 class SQLiteMessage(virtual.Message):
-    """A delivered message; its delivery tag is ``<row id>.<delivery count>``."""
+    """A delivered message; its delivery tag is ``<row id>.<delivery count>``.
+
+    A consumer that rejects it without requeue may first set
+    :attr:`dead_letter_reason`: the dead-letter row keeps that reason.
+    """
 
     def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
         super().__init__(payload, channel=channel, **kwargs)
         self.row_id = int(str(self.delivery_tag).split(".", 1)[0])
         #: The queue this message was claimed from (for dead-lettering).
         self.consumed_from = ""
+        #: Why the consumer refused it, kept in the dead-letter row on reject.
+        self.dead_letter_reason: str | None = None
 
     def decode(self) -> Any:
         """Decode the body; a body that cannot be decoded is dead-lettered, then re-raised."""
@@ -195,8 +203,7 @@ class QoS(virtual.QoS):
             if requeue:
                 self.channel.settle(message.row_id, ack=False)
             else:
-                reason = getattr(message, "dead_letter_reason", None) or "rejected without requeue"
-                self.channel.dead_letter(message, reason)
+                self.channel.dead_letter(message, message.dead_letter_reason or "rejected without requeue")
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -242,10 +249,8 @@ class Channel(virtual.Channel):
         self._unsettled: dict[int, bool] = {}
         #: Acks made while a claimed batch is delivered, or by callbacks of one round of
         #: the event loop, wait here and go in one DELETE (see :meth:`settle`).
+        self.acks = AckBuffer()
         self._batching_thread: int | None = None
-        self._batched_acks: list[int] = []
-        self._acks_since = 0.0  # monotonic time of the oldest deferred ack
-        self._acks_lock = threading.Lock()
 
     # -- entities -------------------------------------------------------------
 
@@ -432,7 +437,7 @@ class Channel(virtual.Channel):
                 if limit <= 0:
                     break
                 # With acks waiting the write lock is taken anyway: no need to look first.
-                if not self._batched_acks and not self.store.has_ready(queue):
+                if not self.acks and not self.store.has_ready(queue):
                     continue
                 deliver = self._queue_callbacks[queue]
                 for claimed in self._claim(queue, limit, queue in self._no_ack_queues):
@@ -461,11 +466,9 @@ class Channel(virtual.Channel):
     def _claim(self, queue: str, limit: int, no_ack: bool) -> list[Claimed]:
         owner = None if no_ack else self.owner
         try:
-            if owner is not None and self._batched_acks:
+            if owner is not None and self.acks:
                 # Acks waiting from the last round go in the claim's transaction: one commit.
-                with self._acks_lock:
-                    row_ids, self._batched_acks = self._batched_acks, []
-                return self._ack_and_claim(row_ids, queue, limit)
+                return self._ack_and_claim(self.acks.take(), queue, limit)
             return self.store.claim(queue, owner=owner, limit=limit, lease=self.options.visibility_timeout)
         except DatabaseFull as exc:
             # Not a lost connection (reconnecting would not help, and would drop the leases
@@ -479,9 +482,7 @@ class Channel(virtual.Channel):
                 row_ids, queue, owner=self.owner, limit=limit, lease=self.options.visibility_timeout
             )
         except BaseException:
-            with self._acks_lock:  # not written: they go with the next flush
-                self._batched_acks[:0] = row_ids
-                self._acks_since = 0.0  # written at the next chance
+            self.acks.restore(row_ids)  # not written: they go with the next flush
             raise
         _warn_late_acks(len(row_ids) - acked)
         return claimed
@@ -519,10 +520,7 @@ class Channel(virtual.Channel):
         holds a prefetch slot for ever.
         """
         if ack and self._defer_ack():
-            with self._acks_lock:
-                if not self._batched_acks:
-                    self._acks_since = time.monotonic()
-                self._batched_acks.append(row_id)
+            self.acks.add(row_id)
             return
         try:
             self._settle(row_id, ack)
@@ -548,15 +546,11 @@ class Channel(virtual.Channel):
             return True
         return bool(self.connection.loop_thread == threading.get_ident())
 
-    def has_batched_acks(self) -> bool:
-        return bool(self._batched_acks)
-
     def flush_acks(self, waited: float = 0.0) -> None:
         """Delete the rows whose acks were deferred (if the first has waited ``waited`` s)."""
-        if not self._batched_acks or time.monotonic() - self._acks_since < waited:
+        if not self.acks.due(waited):
             return
-        with self._acks_lock:
-            row_ids, self._batched_acks = self._batched_acks, []
+        row_ids = self.acks.take()
         if not row_ids:
             return
         try:
@@ -648,30 +642,45 @@ def _milliseconds(arguments: dict[str, Any], name: str) -> float | None:
     return None if value is None else float(value) / 1000.0
 
 
+class _Registry:
+    """The channels one process's lease keeper looks after."""
+
+    def __init__(self) -> None:
+        self.channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+        self.lock = threading.Lock()
+
+    def snapshot(self) -> list[Channel]:
+        with self.lock:
+            return list(self.channels)
+
+
 class LeaseKeeper:
     """One daemon thread per process that runs :meth:`Channel.upkeep` of live consumers."""
 
     def __init__(self) -> None:
-        self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._pid = 0
+        # The thread starts with the first channel of each process (a fork has none).
+        self._registry: PerProcess[_Registry] = PerProcess(self._start)
+
+    def _start(self) -> _Registry:
+        registry = _Registry()
+        threading.Thread(target=self._run, args=(registry,), name="sqlite-broker-leases", daemon=True).start()
+        return registry
 
     def register(self, channel: Channel) -> None:
-        with self._lock:
-            if self._pid != os.getpid():
-                self._channels = weakref.WeakSet()
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="sqlite-broker-leases", daemon=True).start()
-            self._channels.add(channel)
+        registry = self._registry.get()
+        with registry.lock:
+            registry.channels.add(channel)
 
     def unregister(self, channel: Channel) -> None:
-        with self._lock:
-            self._channels.discard(channel)
+        registry = self._registry.peek()
+        if registry is not None:
+            with registry.lock:
+                registry.channels.discard(channel)
 
-    def _run(self) -> None:
+    @staticmethod
+    def _run(registry: _Registry) -> None:
         while True:
-            with self._lock:
-                channels = list(self._channels)
+            channels = registry.snapshot()
             tick = min((channel.keeper_tick() for channel in channels), default=KEEPER_MAX_TICK)
             for channel in channels:
                 try:
@@ -805,7 +814,7 @@ class Transport(virtual.Transport):
         The acks free prefetch room: claim, with the acks in the claim's transaction
         (one commit); acks no claim took are deleted on their own after ``ACK_WAIT``.
         """
-        if any(channel.has_batched_acks() for channel in self.channels):
+        if any(channel.acks for channel in self.channels):
             self._deliver_ready(True)
             for channel in self.channels:
                 channel.flush_acks(waited=ACK_WAIT)

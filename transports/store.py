@@ -35,6 +35,8 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
+from transports.process import PerProcess
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = (
@@ -178,10 +180,12 @@ class DatabaseUnavailable(Exception):
 
 
 class DatabaseFull(sqlite3.OperationalError):
-    """Raised when a write fails because the disk holding the database is full.
+    """Raised when a write fails because the disk holding the database is full; nothing was written.
 
-    Still an ``OperationalError``, so kombu and Celery treat it as a lost
-    connection and try again; its message names the file and the fix.
+    The one "disk full" error of cl_tasks: the broker tables raise it, and so does
+    the jobs table (:mod:`cl_tasks.jobs`, on SQLite and PostgreSQL alike). Still an
+    ``OperationalError``, so kombu and Celery treat it as a lost connection and try
+    again; its message names the file and the fix.
     """
 
 
@@ -249,18 +253,13 @@ def check_path(path: Path) -> None:
         )
 
 
-class _Process:
-    """This process's id, kept up to date across forks (``os.getpid()`` is a system call)."""
+class _ProcessState:
+    """What a :class:`Store` keeps per process: each thread's connection, the schema made once."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        os.register_at_fork(after_in_child=self._forked)
-
-    def _forked(self) -> None:
-        self.pid = os.getpid()
-
-
-_process = _Process()
+        self.threads = threading.local()
+        self.schema_ready = False
+        self.schema_lock = threading.Lock()
 
 
 class Store:
@@ -285,9 +284,7 @@ class Store:
         self._synchronous = synchronous.upper()
         self._wal_size_limit = wal_size_limit
         self._wal_path = f"{path}-wal"
-        self._local = threading.local()
-        self._schema_pid = 0
-        self._schema_lock = threading.Lock()
+        self._process: PerProcess[_ProcessState] = PerProcess(_ProcessState)
         self._sql: dict[str, str] = {}
         self._exchange_types: dict[str, str] = {}
         self._next_sweep = 0.0
@@ -300,12 +297,10 @@ class Store:
     @property
     def conn(self) -> sqlite3.Connection:
         """This thread's connection, made on first use and again after a fork."""
-        local = self._local
-        pid = _process.pid
-        if getattr(local, "pid", None) != pid:
-            local.conn = self._connect()
-            local.pid = pid
-        conn: sqlite3.Connection = local.conn
+        threads = self._process.get().threads
+        conn: sqlite3.Connection | None = getattr(threads, "conn", None)
+        if conn is None:
+            conn = threads.conn = self._connect()
         return conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -336,20 +331,22 @@ class Store:
         return conn
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
-        with self._schema_lock:
-            if self._schema_pid == os.getpid():
+        state = self._process.get()
+        with state.schema_lock:
+            if state.schema_ready:
                 return
             with self.transaction(conn):
                 for statement in SCHEMA:
                     conn.execute(statement.format(p=self.prefix))
-            self._schema_pid = os.getpid()
+            state.schema_ready = True
 
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
+        state = self._process.peek()
+        conn = None if state is None else getattr(state.threads, "conn", None)
+        if conn is not None:
             conn.close()
-        self._local = threading.local()
+        self._process.reset()
 
     def sql(self, statement: str) -> str:
         """``statement`` with this store's table prefix filled in."""

@@ -24,6 +24,8 @@ import os
 import select
 from pathlib import Path
 
+from transports.process import PerProcess
+
 logger = logging.getLogger(__name__)
 
 IN_MODIFY = 0x00000002
@@ -46,22 +48,36 @@ def _load_inotify() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_inotify()
-_interrupt_pipe: tuple[int, int, int] | None = None  # (pid, read end, write end)
 
 
-def _interrupt_fd() -> int:
-    global _interrupt_pipe  # noqa: PLW0603 - one pipe per process
-    if _interrupt_pipe is None or _interrupt_pipe[0] != os.getpid():
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        _interrupt_pipe = (os.getpid(), read_end, write_end)
-    return _interrupt_pipe[1]
+class _Pipe:
+    """The self-pipe that :func:`interrupt` writes to (one per process)."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+_interrupt_pipe: PerProcess[_Pipe] = PerProcess(_Pipe)
 
 
 def interrupt() -> None:
     """Wake every :meth:`CommitWatch.wait` of this process now (signal-handler safe)."""
-    if _interrupt_pipe is not None and _interrupt_pipe[0] == os.getpid():
+    pipe = _interrupt_pipe.peek()  # never made here: nobody waits on a pipe not yet made
+    if pipe is not None:
         with contextlib.suppress(BlockingIOError):
-            os.write(_interrupt_pipe[2], b"!")
+            os.write(pipe.write_end, b"!")
+
+
+class _Inotify:
+    """One process's inotify descriptor and its watch on the ``-wal`` file (-1 when absent)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.watch = -1
+        if _LIBC is not None:
+            self.fd = _LIBC.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if self.fd < 0:
+                logger.warning("inotify unavailable (errno %d): polling", ctypes.get_errno())
 
 
 class CommitWatch:
@@ -69,36 +85,27 @@ class CommitWatch:
 
     def __init__(self, database: Path) -> None:
         self._wal = f"{database}-wal"
-        self._fd = -1
-        self._watch = -1
-        self._pid = 0
+        # A forked child must not share its parent's inotify queue: it makes its own.
+        self._inotify: PerProcess[_Inotify] = PerProcess(_Inotify)
 
     def fileno(self) -> int:
         """The inotify descriptor (``-1`` when inotify is unavailable)."""
-        self._ensure()
-        return self._fd
+        return self._ensure().fd
 
-    def _ensure(self) -> None:
-        if self._pid == os.getpid() and self._watch >= 0:
-            return
-        if self._pid != os.getpid():
-            # The parent's descriptor is shared with it after a fork: make our own.
-            self._fd = -1
-            self._pid = os.getpid()
-            if _LIBC is not None:
-                self._fd = _LIBC.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-                if self._fd < 0:
-                    logger.warning("inotify unavailable (errno %d): polling", ctypes.get_errno())
-        if self._fd >= 0 and _LIBC is not None and os.path.exists(self._wal):
+    def _ensure(self) -> _Inotify:
+        inotify = self._inotify.get()
+        if inotify.watch < 0 and inotify.fd >= 0 and _LIBC is not None and os.path.exists(self._wal):
             mask = IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE_SELF
-            self._watch = _LIBC.inotify_add_watch(self._fd, self._wal.encode(), mask)
+            inotify.watch = _LIBC.inotify_add_watch(inotify.fd, self._wal.encode(), mask)
+        return inotify
 
     def drain(self) -> None:
         """Forget pending wake-ups (call before looking at the database)."""
-        if self._fd < 0:
+        fd = self._ensure().fd
+        if fd < 0:
             return
         try:
-            while os.read(self._fd, _DRAIN_BYTES):
+            while os.read(fd, _DRAIN_BYTES):
                 pass
         except BlockingIOError:
             return
@@ -108,23 +115,20 @@ class CommitWatch:
 
         Returns ``"commit"``, ``"interrupt"`` or ``"timeout"``.
         """
-        self._ensure()
-        interrupt_fd = _interrupt_fd()
-        watched = [interrupt_fd] if self._fd < 0 or self._watch < 0 else [self._fd, interrupt_fd]
+        inotify = self._ensure()
+        interrupt_fd = _interrupt_pipe.get().read_end
+        watched = [interrupt_fd] if inotify.fd < 0 or inotify.watch < 0 else [inotify.fd, interrupt_fd]
         readable, _, _ = select.select(watched, [], [], timeout)
         if interrupt_fd in readable:
             return "interrupt"
         if readable:
-            self._rewatch_if_deleted()
+            if not os.path.exists(self._wal):
+                inotify.watch = -1  # watched again once the file is back
             return "commit"
         return "timeout"
 
-    def _rewatch_if_deleted(self) -> None:
-        if not os.path.exists(self._wal):
-            self._watch = -1
-
     def close(self) -> None:
-        if self._fd >= 0 and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = self._watch = -1
-        self._pid = 0
+        inotify = self._inotify.peek()
+        if inotify is not None and inotify.fd >= 0:
+            os.close(inotify.fd)
+        self._inotify.reset()
