@@ -15,21 +15,19 @@ worker holds is retried when that worker's lease would run out.
 Params past ``JOB_PARAMS_MAX_BYTES`` are refused by the client before anything
 is written (:mod:`cl_tasks.messages`), and again here, for messages from clients
 with a larger limit: the job ends ``error`` naming the limit. Runners are
-confined by :mod:`cl_tasks.sandbox`: they write only in ``CL_SERVER_DIR`` and
-the temp folder, and never into a module venv or module folder.
+confined as :mod:`cl_tasks.confinement` says and see only their job's files, which
+:mod:`cl_tasks.staging` stages in and out.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Task
@@ -39,14 +37,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cl_tasks import hooks
 from cl_tasks.app import app
+from cl_tasks.confinement import Confinement, detect
 from cl_tasks.jobs import DiskFull, JobStore, job_store
 from cl_tasks.messages import params_size, params_too_large
 from cl_tasks.modules import Module, ModuleError, discover, venv_python
-from cl_tasks.paths import confine
 from cl_tasks.results import ResultBackend
 from cl_tasks.runner import JobError, RunnerPool
-from cl_tasks.sandbox import Confinement
 from cl_tasks.settings import current
+from cl_tasks.staging import Protected, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -258,14 +256,9 @@ def _fail(store: JobStore, task: ComputeTask, owner: str, message: str) -> None:
         hooks.job_failed.send(sender=task.name, job_id=task.request.id, message=message)
 
 
-@cache
 def _confinement() -> Confinement:
-    """Where runners of this worker may write, and what stays read-only for them."""
-    settings = current()
-    return Confinement(
-        writable=(settings.server_dir, Path(tempfile.gettempdir())),
-        read_only=(settings.venv_dir, settings.modules_dir),
-    )
+    """How runners of this worker are confined (see cl_tasks.confinement)."""
+    return detect()
 
 
 def start_runners(task_types: Iterable[str]) -> None:
@@ -295,14 +288,14 @@ def _run(task: ComputeTask, params: dict[str, Any], owner: str) -> Any:
     problem = params_too_large(params_size(params), settings.job_params_max_bytes)
     if problem:
         raise JobError(problem)
-    confined = confine(params, settings.server_dir)
     try:
         python = venv_python(settings.venv_dir, module)
     except ModuleError as exc:
         raise JobError(str(exc)) from exc
     runner = _runners.get(module, python, settings.server_dir, _confinement())
     try:
-        return runner.run(task.request.id, task.name, confined, _Progress(task, job_store(), owner))
+        progress = _Progress(task, job_store(), owner)
+        return run_job(runner, task.request.id, task.name, params, progress, Protected.of(settings))
     except JobError:
         if not runner.alive():
             _runners.discard(module)
