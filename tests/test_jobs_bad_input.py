@@ -118,7 +118,10 @@ def test_unreadable_image(data: Path, worker: Worker) -> None:
     (data / "a-folder.png").mkdir()
     message = error_of(data, "image_resize", resize(input_paths=["a-folder.png"]))
     # The worker stages inputs (cl_tasks.staging): a folder is refused before the runner starts
-    assert message == f"parameter input_paths[0] 'a-folder.png': {data / 'a-folder.png'} is a folder; name a file"
+    assert (
+        message
+        == f"parameter input_paths[0] 'a-folder.png': {data / 'a-folder.png'} is a folder; name a file"
+    )
 
 
 def test_corrupt_image(data: Path, worker: Worker) -> None:
