@@ -182,6 +182,12 @@ def test_the_worker_says_once_how_runners_are_confined(scenario: Scenario) -> No
     assert expected in lines[0], lines[0]
 
 
+def test_the_worker_runs_as_the_scenarios_user(scenario: Scenario) -> None:
+    status = Path(f"/proc/{scenario.worker.process.pid}/status").read_text()
+    real_uid = int(status.split("Uid:")[1].split()[0])
+    assert (real_uid == 0) == scenario.root, status
+
+
 def test_no_secret_is_readable(scenario: Scenario) -> None:
     seen = json.dumps(scenario.probes()["secrets"])
     leaked = [secret for secret in (MQTT_PASSWORD, OTHER_SECRET) if secret in seen]
