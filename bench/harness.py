@@ -48,6 +48,7 @@ def contenders(workdir: Path) -> tuple[list[Contender], list[str]]:
     fs = workdir / "fs"
     (fs / "data").mkdir(parents=True, exist_ok=True)
     (fs / "processed").mkdir(parents=True, exist_ok=True)
+    (fs / "control").mkdir(parents=True, exist_ok=True)
     found = [
         Contender("cl_tasks sqlite", f"sqlite:///{workdir / 'ours.db'}"),
         Contender("kombu sqla+sqlite", f"sqla+sqlite:///{workdir / 'sqla.db'}", polls=True),
@@ -59,6 +60,8 @@ def contenders(workdir: Path) -> tuple[list[Contender], list[str]]:
                 "data_folder_out": str(fs / "data"),
                 "processed_folder": str(fs / "processed"),
                 "store_processed": "False",
+                # kombu's default is ./control, which left a folder in the repository.
+                "control_folder": str(fs / "control"),
             },
             polls=True,
         ),

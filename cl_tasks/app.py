@@ -1,7 +1,8 @@
 """The Celery app of cl_tasks (``celery -A cl_tasks``) and the one path by which jobs are submitted.
 
-The app is configured from ``celeryconfig``. :class:`App` is Celery's app with
-one submit path for compute jobs: ``image_resize.delay(...)``,
+The app is configured from the checkout's ``celeryconfig.py`` (see
+:mod:`cl_tasks.config`). :class:`App` is Celery's app with one submit path for
+compute jobs: ``image_resize.delay(...)``,
 ``app.send_task("image_resize", ...)``, ``submit_job(...)``, a chain's next
 step and a task's own retry all reach :meth:`App.send_task`, which
 
@@ -68,7 +69,7 @@ class App(Celery):  # type: ignore[misc]
 
 
 app = App("cl_tasks", events="cl_tasks.events:Events")
-app.config_from_object("celeryconfig")
+app.config_from_object("cl_tasks.config:CELERY_CONFIG")
 app.conf.task_routes = ("cl_tasks.tasks.route",)
 app.conf.worker_consumer = "cl_tasks.messages:Consumer"
 # Under `celery -A cl_tasks flower`, Flower is loaded before the app: teach it our broker.

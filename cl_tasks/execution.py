@@ -13,9 +13,9 @@ modules, so it also runs in-process in tests. For each delivery of a job:
   written while the disk is full by trying again (the job waits, unacked).
 
 Params past ``JOB_PARAMS_MAX_BYTES`` end ``error`` naming the limit (a message
-from a client with a larger limit). Runners are confined by
-:mod:`cl_tasks.sandbox`: they write only in ``CL_SERVER_DIR`` and the temp
-folder, and never into a module venv or module folder.
+from a client with a larger limit). Runners are confined as
+:mod:`cl_tasks.confinement` says and see only their job's files, which
+:mod:`cl_tasks.staging` stages in and out.
 
 Signals of this concern: pool processes start their runners as they start
 (``worker_process_init``); a revoked job and a failure the task could not
@@ -28,12 +28,10 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Task, signals
@@ -43,14 +41,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from cl_tasks import hooks
 from cl_tasks.app import app
 from cl_tasks.catalog import compute_modules, is_compute
+from cl_tasks.confinement import detect
 from cl_tasks.jobs import JobStore, job_store
 from cl_tasks.messages import params_too_large
 from cl_tasks.modules import Module, ModuleError, venv_python
-from cl_tasks.paths import confine
 from cl_tasks.results import ResultBackend
 from cl_tasks.runner import JobError, RunnerPool
-from cl_tasks.sandbox import Confinement
 from cl_tasks.settings import Settings, current
+from cl_tasks.staging import Protected, run_job
 from transports.process import PerProcess
 from transports.store import DatabaseFull
 
@@ -162,10 +160,8 @@ class Engine:
         self.modules = modules
         self.runners = RunnerPool()
         self.leases = Leases(store, settings.job_lease)
-        self.confinement = Confinement(
-            writable=(settings.server_dir, Path(tempfile.gettempdir())),
-            read_only=(settings.venv_dir, settings.modules_dir),
-        )
+        self.confinement = detect()
+        self.protected = Protected.of(settings)
 
     def execute(self, task: Task, params: dict[str, Any]) -> Any:
         """Run one job to ``completed`` or ``error`` (raising :class:`JobError` for the latter)."""
@@ -173,7 +169,7 @@ class Engine:
         owner = f"{task.request.hostname}:{os.getpid()}:{job_id}"
         claim = written(lambda: store.claim(job_id, owner, self.settings.job_lease))
         if claim.outcome == "missing":
-            written(lambda: store.create(job_id, task.name, _json(params)))
+            written(lambda: store.create(job_id, task.name, params))
             claim = written(lambda: store.claim(job_id, owner, self.settings.job_lease))
         if claim.outcome == "done":
             raise Ignore()
@@ -239,14 +235,14 @@ class Engine:
         problem = params_too_large(len(_json(params).encode("utf-8")), settings.job_params_max_bytes)
         if problem:
             raise JobError(problem)
-        confined = confine(params, settings.server_dir)
         try:
             python = venv_python(settings.venv_dir, module)
         except ModuleError as exc:
             raise JobError(str(exc)) from exc
         runner = self.runners.get(module, python, settings.server_dir, self.confinement)
         try:
-            return runner.run(task.request.id, task.name, confined, Progress(task, self.store, owner))
+            progress = Progress(task, self.store, owner)
+            return run_job(runner, task.request.id, task.name, params, progress, self.protected)
         except JobError:
             if not runner.alive():
                 self.runners.discard(module)

@@ -282,12 +282,12 @@ class JobStore:
         self,
         job_id: str,
         task_type: str,
-        params: str,
+        params: str | dict[str, Any],
         *,
         priority: int | None = None,
         created_by: str | None = None,
     ) -> bool:
-        """Insert a queued row with ``params`` (its JSON text) and reserve its intake.
+        """Insert a queued row with ``params`` (a dict, or its JSON text) and reserve its intake.
 
         Its message is on the way (the caller publishes it next). Returns False
         when the row already exists (a retry): nothing is changed then.
@@ -295,7 +295,7 @@ class JobStore:
         values: dict[str, Any] = {
             "job_id": job_id,
             "task_type": task_type,
-            "params": params,
+            "params": params if isinstance(params, str) else json.dumps(params),
             "status": QUEUED,
             "progress": 0,
             "created_at": now_ms(),

@@ -10,6 +10,9 @@ A module is a folder with a ``pyproject.toml`` that declares what it runs::
     task_types = ["image_resize", "image_conversion"]
     runner = "runner.py"          # default: runner.py
 
+    [tool.cl_tasks.path_roles]    # optional; see cl_tasks.staging
+    ledger_path = "append"        # input (default), output (name has "output"), append
+
 Its virtualenv lives in ``COMPUTE_VENV_DIR/<module>`` and is built on first
 use: exactly once even when several worker processes start together (an
 ``fcntl`` lock on ``<module>.lock``), and again when the module's
@@ -53,6 +56,8 @@ class Module:
     task_types: tuple[str, ...]
     dependencies: tuple[str, ...]
     runner: Path
+    #: (parameter, role) pairs declared under [tool.cl_tasks.path_roles].
+    path_roles: tuple[tuple[str, str], ...] = ()
 
     @property
     def pyproject(self) -> Path:
@@ -75,7 +80,12 @@ def read_module(folder: Path) -> Module:
     runner = folder / str(table.get("runner", "runner.py"))
     if not runner.is_file():
         raise ModuleError(f"compute module {folder.name}: runner {runner} does not exist")
-    return Module(folder.name, folder, tuple(task_types), tuple(dependencies), runner)
+    roles = table.get("path_roles", {})
+    if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
+        raise ModuleError(f'compute module {folder.name}: [tool.cl_tasks.path_roles] maps names to "role"')
+    return Module(
+        folder.name, folder, tuple(task_types), tuple(dependencies), runner, tuple(sorted(roles.items()))
+    )
 
 
 def discover(modules_dir: Path, supported: Iterable[str] = ()) -> dict[str, Module]:

@@ -21,7 +21,8 @@ from typing import Any
 from cl_tasks.runner import JobError
 
 
-def _is_path_param(name: str) -> bool:
+def is_path_param(name: str) -> bool:
+    """Whether parameter ``name`` holds a path (``*_path``) or paths (``*_paths``)."""
     return name.endswith(("_path", "_paths"))
 
 
@@ -30,7 +31,7 @@ def confine(params: dict[str, Any], root: Path, allowed: Iterable[Path] = ()) ->
     roots = [Path(os.path.realpath(folder)) for folder in (root, *allowed)]
     confined = dict(params)
     for name, value in params.items():
-        if not _is_path_param(name):
+        if not is_path_param(name):
             continue
         if name.endswith("_path"):
             confined[name] = _resolve(name, value, root, roots)

@@ -4,9 +4,12 @@ Protocol (one JSON object per line, UTF-8):
 
 * **in** (the worker writes to the runner's stdin), one line per job::
 
-      {"job_id": "…", "task_type": "image_resize", "params": {…}, "root": "/abs/CL_SERVER_DIR"}
+      {"job_id": "…", "task_type": "image_resize", "params": {…}, "root": "/job/7"}
 
-  Paths in ``params`` are already absolute and checked to be inside ``root``.
+  Paths in ``params`` are absolute and inside ``root``: the job's folder in the
+  runner's scratch folder, where the worker staged its inputs and collects its
+  outputs (:mod:`cl_tasks.staging`). With ``RUNNER_CONFINEMENT=off``, ``root`` is
+  ``CL_SERVER_DIR`` and the paths are the job's real ones.
 * **out** (the runner writes to stdout), any number of progress lines, then
   exactly one result or error line for the job::
 
@@ -22,8 +25,9 @@ Runners start without a shell (an argument list: nothing in a job's params
 is ever parsed by a shell), in their own session (so a time limit or a
 revoke stops the whole process group), with a minimal environment (no broker,
 database or MQTT credentials), and die with the worker process that started
-them (``PR_SET_PDEATHSIG``). They start through the :mod:`cl_tasks.sandbox`
-launcher, which confines their writes before it execs the runner.
+them (``PR_SET_PDEATHSIG``). They start confined as :mod:`cl_tasks.confinement`
+decides (bubblewrap + the :mod:`cl_tasks.sandbox` launcher), each with a private
+scratch folder (0700, under the worker's temp folder) removed when it stops.
 """
 
 from __future__ import annotations
@@ -33,16 +37,18 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from cl_tasks.confinement import Confinement
 from cl_tasks.modules import Module
-from cl_tasks.sandbox import Confinement
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +73,21 @@ class Runner:
 
     def __init__(self, module: Module, python: Path, root: Path, confinement: Confinement) -> None:
         self.module = module
-        env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-        env.update(PATH=f"{python.parent}:/usr/bin:/bin", HOME=str(module.path), PYTHONUNBUFFERED="1")
-        env["CL_SERVER_DIR"] = str(root)
         self.root = root
+        #: The runner's scratch folder on the host (None when confinement is off).
+        self.scratch = (
+            Path(tempfile.mkdtemp(prefix=f"cl-tasks-{module.name}-")) if confinement.staged else None
+        )
+        launch = confinement.launch(module, python, self.scratch)
+        self._scratch_inside = launch.scratch
+        self._jobs = 0
+        env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+        env.update(launch.env)
+        if self.scratch is None:
+            env["CL_SERVER_DIR"] = str(root)
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.process = subprocess.Popen(
-            confinement.command(python, module.runner),
+            launch.argv,
             cwd=module.path,
             env=env,
             stdin=subprocess.PIPE,
@@ -96,12 +110,23 @@ class Runner:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def job_folder(self) -> tuple[Path, str]:
+        """A fresh job folder in the scratch folder: (host path, path the runner sees)."""
+        assert self.scratch is not None and self._scratch_inside is not None
+        self._jobs += 1
+        return self.scratch / str(self._jobs), f"{self._scratch_inside}/{self._jobs}"
+
     def run(
-        self, job_id: str, task_type: str, params: dict[str, Any], on_progress: Callable[[float], None]
+        self,
+        job_id: str,
+        task_type: str,
+        params: dict[str, Any],
+        on_progress: Callable[[float], None],
+        root: str | None = None,
     ) -> Any:
-        """Run one job; returns its output or raises :class:`JobError`."""
+        """Run one job (paths inside ``root``); returns its output or raises :class:`JobError`."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        spec = {"job_id": job_id, "task_type": task_type, "params": params, "root": str(self.root)}
+        spec = {"job_id": job_id, "task_type": task_type, "params": params, "root": root or str(self.root)}
         try:
             self.process.stdin.write(json.dumps(spec) + "\n")
             self.process.stdin.flush()
@@ -147,6 +172,8 @@ class Runner:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class RunnerPool:

@@ -1,31 +1,22 @@
-"""Confinement of runner processes: where a compute module may write.
+"""The launcher inside a runner's sandbox: Landlock limits on writes, TCP and signals.
 
-The worker runs as a user that owns every venv (in CI and most containers:
-root), so file permissions cannot keep a module out of its own venv, another
-module's venv or the worker's code. The kernel can:
+Run as a script in the module venv's interpreter (standard library only), as
+``<python> -I sandbox.py --write DIR... -- <python> <runner>``: it confines itself,
+says what it did on stderr (the worker's log), then execs the runner. Limits hold
+for everything the runner starts and cannot be lifted (``no_new_privs`` is set).
 
-* **Landlock** (Linux >= 5.13, no privilege needed) confines writes: creating,
-  writing, truncating, deleting, renaming or linking files succeeds only beneath
-  the ``--write`` folders (``CL_SERVER_DIR`` and the temp folder) and on
-  ``/dev/null``. Reads are not confined: a module reads its interpreter, its
-  libraries, certificates and fonts from places no allow-list could name, and
-  the paths a *job* reads are already checked by :mod:`cl_tasks.paths`. From
-  Landlock ABI 6 the runner also cannot signal processes outside its sandbox
-  (it cannot kill the worker).
-* Landlock can only grant, never carve out, so a ``--read-only`` folder that
-  lies beneath a writable one (``COMPUTE_VENV_DIR`` defaults to
-  ``$CL_SERVER_DIR/venvs``) is bind-mounted read-only in a mount namespace of
-  the runner's own (propagation from the host kept, none back). That needs
-  ``CAP_SYS_ADMIN`` (root); a Landlocked process can no longer unmount it.
+* **Writes** (Landlock ABI 1+): creating, writing, truncating, deleting, renaming or
+  linking files succeeds only beneath the ``--write`` folders (the runner's scratch
+  folder and its private ``/tmp``) and on ``/dev/null``.
+* **Network** (ABI 4+): no TCP ``connect`` or ``bind`` at all.
+* **Scopes** (ABI 6+): no signal to, and no abstract UNIX socket of, any process
+  outside the sandbox.
 
-Both survive ``exec`` and hold for everything the runner starts. The worker
-starts ``<venv python> -I sandbox.py --write DIR… --read-only DIR… -- <venv
-python> <runner>``: this file, run as a script in the module's interpreter
-(standard library only), confines itself, says what it did on stderr (the
-worker's log), then execs the runner. Decided: what the kernel lacks (no
-Landlock; no mount namespace when not root) is logged there and the runner
-still runs, since refusing would stop every job on older kernels; an
-unexpected failure of an available mechanism stops the runner instead.
+Reads are not limited here: under bubblewrap (:mod:`cl_tasks.confinement`) the
+runner's filesystem holds only the system, its venv, its module and its scratch
+folder; without bubblewrap this launcher is the only confinement there is, and the
+worker has logged what that leaves open. What the kernel lacks is said on stderr
+and the runner still runs; an available mechanism that fails stops the runner.
 """
 
 from __future__ import annotations
@@ -34,8 +25,6 @@ import ctypes
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 # Landlock system calls: the same numbers on every architecture since Linux 5.13.
 SYS_LANDLOCK_CREATE_RULESET = 444
@@ -44,8 +33,11 @@ SYS_LANDLOCK_RESTRICT_SELF = 446
 LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
 LANDLOCK_RULE_PATH_BENEATH = 1
 PR_SET_NO_NEW_PRIVS = 38
-# Landlock filesystem rights that change the filesystem (reads are left alone).
+# Landlock filesystem rights.
+EXECUTE = 1 << 0
 WRITE_FILE = 1 << 1
+READ_FILE = 1 << 2
+READ_DIR = 1 << 3
 REMOVE_DIR = 1 << 4
 REMOVE_FILE = 1 << 5
 MAKE_CHAR = 1 << 6
@@ -71,39 +63,22 @@ WRITE_RIGHTS = (
     | MAKE_BLOCK
     | MAKE_SYM
 )
+#: Rights to read and run files (handled only when ``--read`` folders are given).
+READ_RIGHTS = EXECUTE | READ_FILE | READ_DIR
+#: Device nodes may not be made even where writes are allowed.
+DEVICE_RIGHTS = MAKE_CHAR | MAKE_BLOCK
 #: The write rights a rule on a single file (not a folder) may grant.
 FILE_RIGHTS = WRITE_FILE | TRUNCATE
 #: ABI 6: no signals to processes outside the sandbox.
 SCOPE_SIGNAL = 1 << 1
-# unshare(2) and mount(2).
-CLONE_NEWNS = 0x00020000
-MS_RDONLY = 1
-MS_REMOUNT = 32
-MS_BIND = 4096
-MS_REC = 16384
-MS_SLAVE = 1 << 19
-#: Flags of the original mount a read-only bind keeps (same bits in statvfs and mount).
-KEPT_MOUNT_FLAGS = os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC
-USAGE = "sandbox.py [--write DIR]... [--read-only DIR]... -- PROGRAM [ARG]..."
+#: ABI 4: TCP rights; handled without a rule, so no TCP bind or connect is allowed.
+NET_BIND_TCP = 1 << 0
+NET_CONNECT_TCP = 1 << 1
+#: ABI 6: no abstract UNIX sockets of processes outside the sandbox.
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
+USAGE = "sandbox.py [--write DIR]... [--read DIR]... -- PROGRAM [ARG]..."
 #: Files a runner may write besides its folders.
 WRITABLE_FILES = ("/dev/null",)
-
-
-@dataclass(frozen=True)
-class Confinement:
-    """Where a runner may write, and the folders that stay read-only for it."""
-
-    writable: tuple[Path, ...]
-    read_only: tuple[Path, ...] = ()
-
-    def command(self, python: Path, program: Path) -> list[str]:
-        """The argv that starts ``program`` with ``python`` inside this confinement."""
-        argv = [str(python), "-I", str(Path(__file__).resolve())]
-        for folder in self.writable:
-            argv += ["--write", str(folder)]
-        for folder in self.read_only:
-            argv += ["--read-only", str(folder)]
-        return [*argv, "--", str(python), str(program)]
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -136,14 +111,21 @@ def landlock_abi() -> int:
     return max(int(version), 0)
 
 
-def confine_writes(folders: Sequence[str]) -> str:
-    """Allow writes only beneath ``folders`` and to :data:`WRITABLE_FILES`; returns a note."""
+def confine(folders: Sequence[str], readable: Sequence[str] = ()) -> str:
+    """Writes only beneath ``folders`` (and :data:`WRITABLE_FILES`), no TCP; returns a note.
+
+    With ``readable`` folders, reads too are allowed only beneath them and ``folders``.
+    """
     abi = landlock_abi()
     if abi < 1:
-        return f"writes are NOT confined: Landlock is not available ({os.strerror(ctypes.get_errno())})"
-    handled = WRITE_RIGHTS | REFER | (TRUNCATE if abi >= 3 else 0)
-    attr = _RulesetAttr(handled, 0, SCOPE_SIGNAL if abi >= 6 else 0)
-    size = ctypes.sizeof(attr) if abi >= 6 else ctypes.sizeof(ctypes.c_uint64)
+        return (
+            f"writes and TCP are NOT limited: Landlock is not available ({os.strerror(ctypes.get_errno())})"
+        )
+    handled = WRITE_RIGHTS | REFER | (TRUNCATE if abi >= 3 else 0) | (READ_RIGHTS if readable else 0)
+    network = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET if abi >= 6 else 0
+    attr = _RulesetAttr(handled, network, scoped)
+    size = ctypes.sizeof(attr) if abi >= 6 else 2 * ctypes.sizeof(ctypes.c_uint64) if abi >= 4 else 8
     ruleset = _libc.syscall(
         ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size), 0
     )
@@ -152,16 +134,26 @@ def confine_writes(folders: Sequence[str]) -> str:
     try:
         granted = [path for path in folders if os.path.isdir(path)]
         for path in granted:
-            _allow(int(ruleset), path, handled)
+            _allow(int(ruleset), path, handled & ~DEVICE_RIGHTS)
         for path in WRITABLE_FILES:
-            _allow(int(ruleset), path, handled & FILE_RIGHTS)
+            _allow(int(ruleset), path, handled & (FILE_RIGHTS | READ_FILE))
+        shown = [path for path in readable if os.path.exists(path)]
+        for path in shown:
+            _allow(int(ruleset), path, READ_RIGHTS if os.path.isdir(path) else READ_FILE | EXECUTE)
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise _failed("prctl(PR_SET_NO_NEW_PRIVS)")
         if _libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), int(ruleset), 0) != 0:
             raise _failed("landlock_restrict_self")
     finally:
         os.close(int(ruleset))
-    return f"writes confined to {', '.join([*granted, *WRITABLE_FILES])} (Landlock ABI {abi})"
+    limits = [f"writes only to {', '.join([*granted, *WRITABLE_FILES])}, no device nodes"]
+    if readable:
+        limits.append(f"reads only of {', '.join(shown)} and those")
+    limits.append("no TCP" if network else "TCP NOT limited (Landlock ABI < 4)")
+    limits.append(
+        "no signals or abstract sockets outside" if scoped else "signals NOT scoped (Landlock ABI < 6)"
+    )
+    return f"{'; '.join(limits)} (Landlock ABI {abi})"
 
 
 def _allow(ruleset: int, path: str, access: int) -> None:
@@ -177,60 +169,27 @@ def _allow(ruleset: int, path: str, access: int) -> None:
         os.close(fd)
 
 
-def mount_read_only(folders: Sequence[str]) -> str:
-    """Bind-mount ``folders`` read-only in a new mount namespace; returns a note."""
-    try:
-        if _libc.unshare(CLONE_NEWNS) != 0:
-            raise _failed("no mount namespace")
-        _mount(None, "/", MS_REC | MS_SLAVE)
-        for folder in folders:
-            _mount(folder, folder, MS_BIND | MS_REC)
-            kept = os.statvfs(folder).f_flag & KEPT_MOUNT_FLAGS
-            _mount(None, folder, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
-    except OSError as exc:
-        # Not root, or a container policy forbids mounts: an environment's limit, not a bug.
-        return (
-            f"{', '.join(folders)} stay WRITABLE ({exc}): run the worker as root, or keep"
-            " COMPUTE_VENV_DIR and COMPUTE_MODULES_DIR outside CL_SERVER_DIR and the temp folder"
-        )
-    return f"read-only: {', '.join(folders)} (mount namespace)"
-
-
-def _mount(source: str | None, target: str, flags: int) -> None:
-    encoded = None if source is None else os.fsencode(source)
-    if _libc.mount(encoded, os.fsencode(target), None, ctypes.c_ulong(flags), None) != 0:
-        raise _failed(f"mount({source}, {target})")
-
-
-def _beneath(path: str, folders: Sequence[str]) -> bool:
-    return any(os.path.commonpath([path, folder]) == folder for folder in folders)
-
-
 def _parse(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     writable: list[str] = []
-    read_only: list[str] = []
+    readable: list[str] = []
     args = list(argv)
     while args and args[0] != "--":
         option, value = args[0], args[1] if len(args) > 1 else ""
-        if option not in ("--write", "--read-only") or not value:
+        if option not in ("--write", "--read") or not value:
             raise SystemExit(f"sandbox: usage: {USAGE}; got {option!r}")
-        (writable if option == "--write" else read_only).append(os.path.realpath(value))
+        (writable if option == "--write" else readable).append(os.path.realpath(value))
         del args[:2]
     if len(args) < 2:
         raise SystemExit("sandbox: no program to run after --")
-    return writable, read_only, args[1:]
+    return writable, readable, args[1:]
 
 
 def main(argv: Sequence[str]) -> None:
     """Confine this process as ``argv`` says, then exec the program after ``--``."""
-    writable, read_only, program = _parse(argv)
-    notes = []
-    shielded = [folder for folder in read_only if os.path.isdir(folder) and _beneath(folder, writable)]
-    if shielded:
-        notes.append(mount_read_only(shielded))
-    notes.append(confine_writes(writable))
-    print(f"sandbox: {'; '.join(notes)}", file=sys.stderr, flush=True)
-    os.execv(program[0], program)
+    writable, readable, program = _parse(argv)
+    print(f"sandbox: {confine(writable, readable)}", file=sys.stderr, flush=True)
+    # bubblewrap sets PWD; the runner's environment stays exactly what the worker gave.
+    os.execve(program[0], program, {k: v for k, v in os.environ.items() if k != "PWD"})
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ Defaults (decided here, documented in the README):
   (30 s), ``MQTT_USERNAME``/``MQTT_PASSWORD``, ``MQTT_USE_TLS`` (false) with
   ``MQTT_CA_FILE`` (system CAs when unset), ``WORKER_ID`` (the Celery node name
   when unset; one MQTT topic level: no ``/``, ``+`` or ``#``).
+* ``RUNNER_CONFINEMENT``: ``on`` (the strongest confinement the machine offers, see
+  :mod:`cl_tasks.confinement`) or ``off`` (tests and diagnosis only; logged loudly).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class Settings:
     mqtt: MqttSettings
     worker_id: str | None
     job_params_max_bytes: int = DEFAULT_JOB_PARAMS_MAX_BYTES
+    runner_confinement: str = "on"
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -160,7 +163,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         mqtt=_mqtt(env),
         worker_id=_worker_id(env.get("WORKER_ID") or None),
         job_params_max_bytes=_positive_int(env, "JOB_PARAMS_MAX_BYTES", DEFAULT_JOB_PARAMS_MAX_BYTES),
+        runner_confinement=_confinement(env),
     )
+
+
+def _confinement(env: Mapping[str, str]) -> str:
+    value = (env.get("RUNNER_CONFINEMENT") or "on").lower()
+    if value not in ("on", "off"):
+        raise SettingsError(f"RUNNER_CONFINEMENT={value!r} must be on or off")
+    return value
 
 
 def check_topic_level(value: str, variable: str) -> str:

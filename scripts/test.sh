@@ -14,6 +14,14 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "scripts/test.sh: Debian's chromium is missing; install it (sudo apt-get install chromium)" >&2
   fi
 fi
+# Runners are confined with Debian's bubblewrap (cl_tasks.confinement); the tests expect it.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }
+  else
+    echo "scripts/test.sh: Debian's bubblewrap is missing; install it (sudo apt-get install bubblewrap)" >&2
+  fi
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

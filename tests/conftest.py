@@ -232,12 +232,13 @@ def wait_for_job(database: Database, job_id: str, timeout: float = 120.0) -> dic
 class Worker:
     """A ``celery -A cl_tasks worker`` subprocess in its own process group."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
         import subprocess
 
         self.log = log
         self.process = subprocess.Popen(
             [
+                *prefix,
                 PYTHON,
                 "-m",
                 "celery",
@@ -383,3 +384,31 @@ def run_client(env: dict[str, str], script: str, timeout: float = 180) -> str:
     result = subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+# -- a worker that is not root ------------------------------------------------------
+
+#: The unprivileged user tests run workers as (created by the fixture when missing).
+UNPRIVILEGED_USER = "cl-tasks-test"
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user() -> tuple[int, int]:
+    """(uid, gid) of :data:`UNPRIVILEGED_USER`; the tests run as root (CI does) to make it."""
+    import pwd
+    import subprocess
+
+    assert os.geteuid() == 0, "tests of a non-root worker run as root (they create the user)"
+    try:
+        entry = pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        command = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        subprocess.run([*command, UNPRIVILEGED_USER], check=True, capture_output=True, timeout=60)
+        entry = pwd.getpwnam(UNPRIVILEGED_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def as_user(uid: int, gid: int) -> tuple[str, ...]:
+    """The command prefix that runs a program as ``uid``/``gid`` (see tests/run_as.py)."""
+    helper = str(ROOT / "tests" / "run_as.py")
+    return ("unshare", "--mount", "--propagation", "private", PYTHON, helper, str(uid), str(gid), "--")

@@ -117,7 +117,11 @@ def test_missing_image(data: Path, worker: Worker) -> None:
 def test_unreadable_image(data: Path, worker: Worker) -> None:
     (data / "a-folder.png").mkdir()
     message = error_of(data, "image_resize", resize(input_paths=["a-folder.png"]))
-    assert message == f"input image {data / 'a-folder.png'} is a folder, not an image"
+    # The worker stages inputs (cl_tasks.staging): a folder is refused before the runner starts
+    assert (
+        message
+        == f"parameter input_paths[0] 'a-folder.png': {data / 'a-folder.png'} is a folder; name a file"
+    )
 
 
 def test_corrupt_image(data: Path, worker: Worker) -> None:
@@ -190,7 +194,8 @@ def test_runner_gets_a_minimal_environment(data: Path, worker: Worker) -> None:
     row = run_job(data, "env-check", "misbehave", {"mode": "env"})
     env = json.loads(str(row["task_output"]))["env"]
     assert set(env) <= {"PATH", "HOME", "PYTHONUNBUFFERED", "CL_SERVER_DIR", "LANG", "LC_ALL", "TZ", "TMPDIR"}
-    assert env["CL_SERVER_DIR"] == str(data)
+    # A confined runner never sees CL_SERVER_DIR (cl_tasks.confinement), so it is not told it
+    assert "CL_SERVER_DIR" not in env and env["TMPDIR"] == "/tmp"
 
 
 def test_the_worker_keeps_serving_after_bad_input(data: Path, worker: Worker) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -10,7 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cl_tasks.modules import discover, read_module
-from tests.conftest import PYTHON, TEST_MODULES, Worker, insert_job, run_client, subprocess_env, wait_for_job
+from tests.conftest import (
+    PYTHON,
+    TEST_MODULES,
+    Worker,
+    insert_job,
+    job_row,
+    run_client,
+    subprocess_env,
+    wait_for_job,
+)
 
 StartWorker = Callable[..., Worker]
 
@@ -66,6 +74,7 @@ def test_discovery_reads_the_task_types_and_narrows(tmp_path: Path) -> None:
         "image_conversion": "image_tools",
         "ledger_echo": "ledger_tools",
         "misbehave": "ledger_tools",
+        "hostile_probe": "hostile_tools",
     }
     assert set(discover(TEST_MODULES, {"image_resize", "ledger_echo"})) == {"image_resize", "ledger_echo"}
     assert read_module(TEST_MODULES / "image_tools").dependencies == ("pillow>=10,<14",)
@@ -107,28 +116,34 @@ def test_module_whose_venv_cannot_be_built_is_skipped_while_others_run(
     assert "compute module broken_tools: building its venv" in log
     assert "task type broken_echo (module broken_tools) is not consumed by this worker" in log
     time.sleep(1)
-    from tests.conftest import job_row
-
     assert job_row(database, "broken-job")["status"] == "queued"
 
 
-def runner_gone(pid_file: Path, timeout: float = 10) -> bool:
+def running_runners(worker: Worker, database: Path, job_id: str, timeout: float = 30) -> list[int]:
+    """The ledger_tools runner pids of ``worker`` once ``job_id`` is being processed."""
     deadline = time.monotonic() + timeout
-    while not pid_file.exists():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    pid = int(pid_file.read_text())
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if job_row(database, job_id).get("status") == "processing":
+            runners = runners_below(worker.process.pid, "ledger_tools")
+            if runners:
+                return runners
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} was not processed by a runner within {timeout}s")
+
+
+def all_gone(pids: list[int], timeout: float = 10) -> bool:
+    """Whether every process of ``pids`` has ended within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [pid for pid in pids if Path(f"/proc/{pid}").exists()]:
             return True
         time.sleep(0.05)
     return False
 
 
-def stopped_hanging_job(server_dir: Path, env: dict[str, str], limit: str) -> dict[str, object]:
+def stopped_hanging_job(
+    server_dir: Path, env: dict[str, str], worker: Worker, limit: str
+) -> dict[str, object]:
     """The row of a hanging ``misbehave`` job sent with ``limit`` (e.g. ``time_limit=2``)."""
     job_id = run_client(
         env,
@@ -139,16 +154,18 @@ def stopped_hanging_job(server_dir: Path, env: dict[str, str], limit: str) -> di
             "print(r.id)\n"
         ),
     ).strip()
+    # (a confined runner sees no host pid and writes its outputs only at its end: watch its process)
+    runners = running_runners(worker, server_dir / "media_store.db", job_id)
     row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
-    assert runner_gone(server_dir / "hang.pid")
+    assert all_gone(runners)
     return row
 
 
 def test_soft_time_limit_stops_the_runner_and_fails_the_row(
     server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
 ) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    row = stopped_hanging_job(server_dir, jobs_env, "soft_time_limit=1.5")
+    worker = start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    row = stopped_hanging_job(server_dir, jobs_env, worker, "soft_time_limit=1.5")
     assert row["status"] == "error"
     assert row["error_message"] == "stopped: the soft time limit of 1.5 s was exceeded"
 
@@ -156,8 +173,8 @@ def test_soft_time_limit_stops_the_runner_and_fails_the_row(
 def test_hard_time_limit_fails_the_row(
     server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
 ) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    row = stopped_hanging_job(server_dir, jobs_env, "time_limit=2")
+    worker = start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    row = stopped_hanging_job(server_dir, jobs_env, worker, "time_limit=2")
     assert row["status"] == "error"
     assert "TimeLimitExceeded" in str(row["error_message"]), row
     assert row["progress"] == 0
@@ -166,20 +183,15 @@ def test_hard_time_limit_fails_the_row(
 def test_revoke_terminate_stops_the_runner_and_fails_the_row(
     server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
 ) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    script = (
-        "import time, cl_tasks, os\n"
-        "r = cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'})\n"
-        "pid = os.path.join(os.environ['CL_SERVER_DIR'], 'hang.pid')\n"
-        "while not os.path.exists(pid): time.sleep(0.05)\n"
-        "r.revoke(terminate=True)\n"
-        "print(r.id)\n"
-    )
-    job_id = run_client(jobs_env, script).strip()
+    worker = start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
+    send = "import cl_tasks\nprint(cl_tasks.app.send_task('misbehave', kwargs={'mode': 'hang', 'pid_path': 'hang.pid'}).id)\n"
+    job_id = run_client(jobs_env, send).strip()
+    runners = running_runners(worker, server_dir / "media_store.db", job_id)
+    run_client(jobs_env, f"import cl_tasks\ncl_tasks.app.AsyncResult({job_id!r}).revoke(terminate=True)\n")
     row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
     assert row["status"] == "error"
     assert row["error_message"] == "revoked: terminated with SIGTERM while running"
-    assert runner_gone(server_dir / "hang.pid")
+    assert all_gone(runners)
 
 
 def descendants(pid: int) -> list[int]:
@@ -207,7 +219,8 @@ def runners_below(pid: int, module: str) -> list[int]:
             argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if f"{module}/runner.py" in argv:
+        # Under bubblewrap the bwrap processes name the runner too: count the interpreter only
+        if f"{module}/runner.py" in argv and not argv.split("\0")[0].endswith("bwrap"):
             runners.append(child)
     return runners
 

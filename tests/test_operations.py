@@ -243,7 +243,7 @@ def test_cl_tasks_submit_wait_jobs_job_queues(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["submit", "image_teleport", "a=1"], "unknown task type 'image_teleport'; known: image_conversion"),
+        (["submit", "image_teleport", "a=1"], "unknown task type 'image_teleport'; known: "),
         (["submit", "image_resize", "width"], "bad parameter 'width': write key=value, e.g. width=64"),
         (["job", "no-such-job"], "no job 'no-such-job'; `cl-tasks jobs` lists them"),
     ],

@@ -20,6 +20,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import pytest
 from kombu import Connection
 from PIL import Image
 
-from cl_tasks.sandbox import Confinement
+from cl_tasks.confinement import LAUNCHER
 from tests.conftest import PYTHON, TEST_MODULES, TEST_VENVS, Worker, run_client, subprocess_env
 from tests.mqtt_support import PrivateMosquitto, Subscriber, make_password_file
 
@@ -323,30 +324,25 @@ def planted_files(outcome: dict[str, str]) -> list[Path]:
 
 def test_a_module_cannot_write_into_any_venv_under_cl_server_dir(base: Path, guarded: Worker) -> None:
     data = base / "guarded"
-    # Given the default layout: every venv lives under CL_SERVER_DIR, which runners may write
+    # Given the default layout: every venv lives under CL_SERVER_DIR
     venvs = data / "venvs"
     (venvs / "image_tools").mkdir(exist_ok=True)  # another module's venv folder
-    # (the temp folder is writable by design, and pytest's folders are in it: aim elsewhere)
     inside, outside = data / "allowed.txt", Path("/var/tmp") / f"cl-tasks-planted-{uuid.uuid4().hex}"
-    # When a module tries to write into its own venv, another module's venv and outside
+    # When a module tries to write into its own venv, beside it, into CL_SERVER_DIR and outside
     row = run_row(data, "misbehave", {"mode": "write_other_venv", "targets": [str(inside), str(outside)]})
     outcome = json.loads(row["task_output"])["writes"]
     try:
-        # Then every venv write fails (read-only mount), outside fails (Landlock), inside works
-        for path, result in outcome.items():
-            if path.startswith(str(venvs)):
-                assert result == "refused: EROFS", (path, result)
-        assert str(venvs / "ledger_tools" / "planted-by-misbehave") in outcome
-        assert str(venvs / "image_tools" / "planted-by-misbehave") in outcome
-        assert outcome[str(outside)] == "refused: EACCES"
-        assert outcome[str(inside)] == "written" and inside.is_file()
+        # Then its own venv is read-only, and nothing else of the machine is even there
+        # (changed with cl_tasks.confinement: a runner writes only its job's outputs)
+        assert outcome[str(venvs / "ledger_tools" / "planted-by-misbehave")] == "refused: EROFS", outcome
+        assert str(venvs / "image_tools" / "planted-by-misbehave") not in outcome  # out of its sight
+        # (a write under /tmp lands in the runner's private /tmp, never on the host)
+        assert outcome[str(outside)] == "refused: ENOENT", outcome
+        assert not inside.exists() and not outside.exists()
     finally:
         for path in planted_files(outcome):
-            if path != inside:
-                path.unlink()
-    # And the read-only mount lives only in the runner's mount namespace
-    assert str(venvs) not in Path("/proc/self/mountinfo").read_text()
-    assert "(mount namespace); writes confined to" in guarded.text()
+            path.unlink(missing_ok=True)
+    assert "runner confinement: bubblewrap" in guarded.text()
 
 
 def test_a_module_cannot_write_into_venvs_outside_cl_server_dir(base: Path, imaging: Worker) -> None:
@@ -355,12 +351,10 @@ def test_a_module_cannot_write_into_venvs_outside_cl_server_dir(base: Path, imag
     row = run_row(base / "imaging", "misbehave", {"mode": "write_other_venv", "targets": targets})
     outcome = json.loads(row["task_output"])["writes"]
     try:
-        # Then every write there, into the module folder and into the system is refused: by
-        # Landlock (EACCES), or, when this checkout lies under the temp folder runners may
-        # write (a CI clone in /tmp), by the read-only mount of venvs and modules (EROFS)
-        assert str(TEST_VENVS / "image_tools" / "planted-by-misbehave") in outcome
-        assert outcome and set(outcome.values()) <= {"refused: EACCES", "refused: EROFS"}, outcome
-        assert outcome["/usr/local/planted.txt"] == "refused: EACCES"
+        # Then every write into its venv, its module folder and the system is refused:
+        # they are read-only binds in the runner's mount namespace
+        assert str(TEST_VENVS / "ledger_tools" / "planted-by-misbehave") in outcome
+        assert outcome and set(outcome.values()) == {"refused: EROFS"}, outcome
     finally:
         for path in planted_files(outcome):
             path.unlink()
@@ -370,7 +364,7 @@ PROBE = """
 import sys
 for path in sys.argv[1:]:
     try:
-        with open(path, "w") as planted:
+        with open(path, "a") as planted:
             planted.write("x")
         print(path, "written")
     except OSError as exc:
@@ -378,25 +372,33 @@ for path in sys.argv[1:]:
 """
 
 
-def test_without_mount_rights_the_launcher_says_so_and_still_confines_writes(tmp_path: Path) -> None:
-    # Given the runner launcher run without mount rights (an unprivileged user namespace)
-    data, probe = tmp_path / "data", tmp_path / "probe.py"
-    (data / "venvs" / "other").mkdir(parents=True)
+def test_without_bubblewrap_the_launcher_still_confines_reads_and_writes(tmp_path: Path) -> None:
+    # Given the launcher alone (the "landlock" mode: no bwrap, or no user namespaces), not root
+    scratch, data, probe = tmp_path / "scratch", tmp_path / "data", tmp_path / "probe.py"
+    scratch.mkdir()
+    data.mkdir()
+    (data / "media_store.db").write_text("the database")
     probe.write_text(PROBE)
     outside = Path("/var/tmp") / f"cl-tasks-probe-{uuid.uuid4().hex}"
-    inside, venv = data / "inside.txt", data / "venvs" / "other" / "planted"
-    command = Confinement(writable=(data,), read_only=(data / "venvs",)).command(Path(PYTHON), probe)
+    readable = [sys.prefix, sys.base_prefix, "/usr", "/lib", "/lib64", "/etc/ld.so.cache", str(probe)]
+    command = [PYTHON, "-I", str(LAUNCHER), "--write", str(scratch)]
+    command += [arg for path in readable for arg in ("--read", path)]
+    inside = scratch / "inside.txt"
+    targets = [str(inside), str(outside), str(data / "media_store.db")]
     result = subprocess.run(
-        ["unshare", "--user", "--map-user=65534", *command, str(inside), str(venv), str(outside)],
+        ["unshare", "--user", "--map-user=65534", *command, "--", PYTHON, str(probe), *targets],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    # Then it says the venvs stay writable and how to fix it, and Landlock still confines writes
-    assert f"{data / 'venvs'} stay WRITABLE" in result.stderr, result.stderr
-    assert "keep COMPUTE_VENV_DIR and COMPUTE_MODULES_DIR outside CL_SERVER_DIR" in result.stderr
-    assert result.stdout.splitlines() == [f"{inside} written", f"{venv} written", f"{outside} refused 13"]
-    assert not outside.exists()
+    # Then it says what it limits, and the runner writes only its scratch folder, reads no database
+    assert "no TCP" in result.stderr and "reads only of" in result.stderr, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{inside} written",
+        f"{outside} refused 13",
+        f"{data / 'media_store.db'} refused 13",
+    ], result.stdout + result.stderr
+    assert not outside.exists() and (data / "media_store.db").read_text() == "the database"
 
 
 # -- B4. owner-only files; MQTT credentials never show --------------------------------
@@ -457,10 +459,8 @@ def test_mqtt_credentials_never_show(
         except OSError:
             continue  # the process ended meanwhile
         assert MQTT_PASSWORD not in argv, argv
-        if (
-            str(TEST_MODULES / "ledger_tools" / "runner.py") in argv
-            and f"CL_SERVER_DIR={base / 'guarded'}" in environ
-        ):
+        # (confined runners are not told CL_SERVER_DIR: found by their argv)
+        if str(TEST_MODULES / "ledger_tools" / "runner.py") in argv:
             runners += 1
             assert MQTT_PASSWORD not in environ and "MQTT_" not in environ
     assert runners >= 1, "no runner of the guarded worker found to check"
