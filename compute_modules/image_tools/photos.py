@@ -18,7 +18,9 @@ The image engine of the image_tools runner (docs/photos.md says why, with figure
 * **Modes**: 16-bit and 32-bit integer images stay 16-bit in PNG and TIFF and are
   scaled to 8 bits elsewhere; float images stay float in TIFF and are mapped to 8
   bits elsewhere (0..1 when the data lies there, else its own min..max). Alpha is
-  flattened onto white only for JPEG, the one format without it.
+  kept in PNG, WebP and TIFF; flattened onto white for JPEG and BMP (whose readers
+  ignore a fourth channel); GIF, which has only on/off transparency, keeps the fully
+  transparent pixels transparent and flattens the partly transparent ones onto white.
 * **Animation**: animated inputs keep every frame (durations, loop) in GIF and WebP
   outputs; other formats get the first frame.
 * **Metadata**: nothing of the input's EXIF, XMP or GPS reaches an output.
@@ -69,6 +71,9 @@ TO_8BIT = 257
 #: Colour space signature (ICC header bytes 16..20) per mode family.
 ICC_SPACE = {"RGB": b"RGB ", "L": b"GRAY"}
 WHITE = (255, 255, 255)
+#: Colours of a GIF palette left to the picture, and the index kept for transparency.
+GIF_COLOURS = 255
+GIF_TRANSPARENT = 255
 
 
 class PhotoError(Exception):
@@ -172,12 +177,14 @@ def load(
 
 def vips_thumbnail(path: str, size: tuple[int, int], mode: str) -> Image.Image:
     try:
-        thumb = pyvips.Image.thumbnail(
-            path, size[0], height=size[1], size="force", option_string="fail_on=error"
+        # From a source, not a file name: libvips would parse "[...]" in a name as options.
+        source = pyvips.Source.new_from_file(path)
+        thumb = pyvips.Image.thumbnail_source(
+            source, size[0], height=size[1], size="force", option_string="fail_on=error"
         )
         pixels = thumb.write_to_memory()
     except pyvips.Error as exc:
-        reason = (str(exc).strip().splitlines() or ["libvips failed"])[-1]
+        reason = (str(exc).strip().splitlines() or ["libvips failed"])[-1].strip()
         raise PhotoError(f"input image {path} is not a readable image: {reason}") from None
     if (thumb.bands, thumb.format) != (len(mode), "uchar"):
         raise PhotoError(f"input image {path} decoded as {thumb.bands} bands of {thumb.format}, not {mode}")
@@ -265,15 +272,23 @@ def for_format(image: Image.Image, fmt: str) -> Image.Image:
         return image
     image = eight_bit(image)
     mode = image.mode
-    if fmt == "JPEG":
+    if fmt in ("JPEG", "BMP"):
         return flatten(image) if mode in ("LA", "RGBA") else image
     if fmt == "WEBP" and mode in ("L", "LA"):
         return image.convert("RGBA" if mode == "LA" else "RGB")
-    if fmt == "BMP" and mode == "LA":
-        return image.convert("RGBA")
-    if fmt == "GIF" and mode == "LA":
-        return image.convert("RGBA")
+    if fmt == "GIF" and mode in ("LA", "RGBA"):
+        return gif_frame(image)
     return image
+
+
+def gif_frame(image: Image.Image) -> Image.Image:
+    """A palette image: fully transparent pixels transparent, the rest flattened onto white."""
+    clear = image.getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+    frame = flatten(image).convert("RGB").quantize(GIF_COLOURS)
+    if clear.getbbox() is not None:
+        frame.paste(GIF_TRANSPARENT, mask=clear)
+        frame.info["transparency"] = GIF_TRANSPARENT
+    return frame
 
 
 def flatten(image: Image.Image) -> Image.Image:

@@ -92,7 +92,9 @@ def make(out: Path) -> list[dict[str, Any]]:
         if orientation in (3, 6):  # the Pillow path (no shrink-on-load) turns them as well
             path = case(f"orient{orientation}-png", "png", upright, orientation=orientation)
             stored.save(path, exif=exif(orientation))
-    upright.save(case("p3", "jpg", upright, icc=p3.hex(), lossy=True), quality=95, icc_profile=p3, exif=exif())
+    upright.save(
+        case("p3", "jpg", upright, icc=p3.hex(), lossy=True), quality=95, icc_profile=p3, exif=exif()
+    )
     upright.save(case("p3-png", "png", upright, icc=p3.hex()), icc_profile=p3, exif=exif())
     cmyk = upright.convert("CMYK")
     cmyk.save(case("cmyk", "jpg", cmyk.convert("RGB"), lossy=True), quality=95)
