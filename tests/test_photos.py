@@ -212,6 +212,26 @@ def test_photo_to_every_format(
         assert difference(output, reference) <= limit
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_on_the_draft_path(
+    photos: dict[str, dict[str, Any]], runner: Runner, tmp_path: Path, orientation: int
+) -> None:
+    # Given a JPEG of each orientation and a box 4.8x smaller (DCT-scaled decode, then Lanczos;
+    # the matrix's 200x160 box is the full-decode path)
+    case = photos[f"orient{orientation}"]
+    target = tmp_path / "small.png"
+    # When it is resized
+    reply = runner.run(
+        "image_resize",
+        {"input_paths": [str(case["path"])], "output_paths": [str(target)], "width": 100, "height": 75},
+    )
+    # Then it is upright and close to Lanczos of the upright picture
+    assert reply["event"] == "result", reply
+    expected = case["reference"].resize((100, 75), Image.Resampling.LANCZOS)
+    with Image.open(target) as output:
+        assert difference(output, expected) <= BASE_DIFF + LOSSY_INPUT_DIFF
+
+
 def test_quality_is_lanczos_grade(runner: Runner, tmp_path: Path) -> None:
     # Given a photo-like JPEG (regions, hard edges, texture, grain: where resamplers differ)
     photo = tmp_path / "big.jpg"

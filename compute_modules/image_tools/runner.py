@@ -15,7 +15,8 @@ image_resize
 image_conversion
     input_paths, output_paths, format (png, jpg, jpeg, webp, gif, bmp, tiff),
     quality (1..100, default 85; used for jpg/jpeg/webp). Alpha is flattened
-    onto white for JPEG and BMP (GIF: partly transparent pixels). Output: {"processed_files", "format", "quality"}.
+    onto white for JPEG and BMP (GIF: partly transparent pixels).
+    Output: {"processed_files", "format", "quality"}.
 
 Images above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) are
 refused, naming the limit. Output folders are created.
