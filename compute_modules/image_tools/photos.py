@@ -7,10 +7,10 @@ The image engine of the image_tools runner (docs/photos.md says why, with figure
   the limit; an animation is refused when its frames together exceed it.
 * **Shrinking** is Pillow's ``thumbnail`` rule wherever JPEG DCT scaling can take the
   decode down by 2 or more while keeping a 2x margin over the target (thumbnails:
-  ``draft`` + ``resize(LANCZOS, reducing_gap=2.0)``, faster and closer to a full
-  Lanczos than libvips), and for every non-JPEG input. An RGB or greyscale JPEG that
+  ``draft`` + ``resize(LANCZOS, reducing_gap=2.0)``, as fast as libvips and closer
+  to a full Lanczos), and for every non-JPEG input. An RGB or greyscale JPEG that
   must be decoded in full (previews: less than 4x smaller) goes to libvips'
-  ``thumbnail`` (pyvips), whose decode and Lanczos-3 are about 1.7x faster than
+  ``thumbnail`` (pyvips), whose decode and Lanczos-3 are 1.7-2.5x faster than
   Pillow's. Both engines get the same target size, computed here, so outputs have
   identical dimensions.
 * **Orientation**: the EXIF orientation (1-8) is applied; outputs are upright and
