@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,33 @@ def test_animation_over_the_pixel_limit_is_refused_naming_it(runner: Runner, tmp
     assert reply["event"] == "error"
     assert "is too large" in reply["message"] and f"limit of {limit} pixels" in reply["message"]
     assert not (tmp_path / "long.webp").exists()
+
+
+def test_a_runner_killed_mid_write_leaves_no_half_written_output(module_python: Path, tmp_path: Path) -> None:
+    # Given a 48 MP photo to write as an uncompressed TIFF (144 MB: a write that takes a while)
+    photo = tmp_path / "big.jpg"
+    Image.linear_gradient("L").resize((8000, 6000)).convert("RGB").save(photo, quality=80)
+    out = tmp_path / "out"
+    killed = Runner(module_python)
+    assert killed.process.stdin is not None
+    spec = {
+        "job_id": "k",
+        "task_type": "image_conversion",
+        "params": {"input_paths": [str(photo)], "output_paths": [str(out / "big.tiff")], "format": "tiff"},
+    }
+    killed.process.stdin.write(json.dumps(spec) + "\n")
+    killed.process.stdin.flush()
+    # When the runner is killed while the output is being written (its temporary file has bytes)
+    deadline = time.monotonic() + 120
+    while not any(part.stat().st_size > 0 for part in out.glob(".big.tiff.*.part")):
+        assert killed.process.poll() is None and time.monotonic() < deadline, "the write was never seen"
+        assert not (out / "big.tiff").exists(), "the output appeared before its write was seen"
+        time.sleep(0.001)
+    killed.process.kill()
+    killed.process.wait(timeout=30)
+    # Then the output path holds nothing: only the hidden partial file is left beside it
+    assert not (out / "big.tiff").exists()
+    assert [part.name.startswith(".big.tiff.") for part in out.iterdir()] == [True]
 
 
 # -- through a real worker, on the API's era-A jobs table ---------------------------------
