@@ -197,10 +197,11 @@ def test_photo_to_every_format(
         elif icc is not None:
             assert "icc_profile" not in output.info
             source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            reference = ImageCms.profileToProfile(
+            converted = ImageCms.profileToProfile(
                 reference, source, ImageCms.createProfile("sRGB"), outputMode="RGBA"
             )
-            assert reference is not None
+            assert converted is not None
+            reference = converted
         # Depth: 16-bit stays 16-bit in PNG and TIFF, float stays float in TIFF
         if case.get("sixteen") and fmt in ("png", "tiff"):
             assert output.mode == "I;16"
@@ -263,7 +264,7 @@ def test_animation_over_the_pixel_limit_is_refused_naming_it(runner: Runner, tmp
     frames = [Image.new("P", (side, side), index % 2) for index in range(count)]
     frames[0].save(tmp_path / "long.gif", save_all=True, append_images=frames[1:], duration=50)
     with Image.open(tmp_path / "long.gif") as check:
-        assert check.n_frames == count
+        assert getattr(check, "n_frames", 1) == count
     # When it is to become a WebP animation
     reply = runner.run(
         "image_conversion",
@@ -342,7 +343,7 @@ def test_phone_photos_through_a_worker(
     album.mkdir()
     for name in ("orient6", "p3", "photo"):
         (album / photos[name]["file"]).write_bytes(photos[name]["path"].read_bytes())
-    jobs = {
+    jobs: dict[str, tuple[str, str, str, dict[str, Any]]] = {
         "thumb": (
             "image_resize",
             "orient6.jpg",
