@@ -54,6 +54,8 @@ CASES = (
     "anim-webp",
     "photo",
     "photo-avif",
+    "heic-orient6",
+    "avif-orient6",
 )
 #: The box of the resize jobs (the pictures are 480x360; exact size, aspect not kept).
 BOX = (200, 160)

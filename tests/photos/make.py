@@ -124,6 +124,12 @@ def make(out: Path) -> list[dict[str, Any]]:
         case("photo-avif", "avif", decoded.convert("RGB"), lossy=True)
     (out / "photo-avif.avif").write_bytes((out / "photo.avif").read_bytes())
     (out / "photo.avif").unlink()
+    # Sideways phone photos: pillow-heif stores the turn as HEIF's irot (decoded upright,
+    # EXIF orientation reset to 1); Pillow's AVIF keeps the stored pixels and EXIF 6.
+    sideways = upright.transpose(STORED[6])
+    for name, ext in (("heic-orient6", "heic"), ("avif-orient6", "avif")):
+        sideways.save(out / f"{name}.{ext}", quality=90, exif=exif(6))
+        case(name, ext, upright, orientation=6, lossy=True)
     (out / "cases.json").write_text(json.dumps(cases, indent=1))
     return cases
 
