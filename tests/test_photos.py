@@ -45,6 +45,7 @@ CASES = (
     "p3",
     "p3-png",
     "cmyk",
+    "cmyk-icc",
     "gray16",
     "float",
     "la",

@@ -15,6 +15,7 @@ top-right, blue bottom-left, yellow bottom-right) over gradients and grain.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import pillow_heif
 import pyvips
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageCms, ImageDraw
 
 #: Size of the picture of most cases (stored pixels; orientations 5-8 swap it).
 SIZE = (480, 360)
@@ -75,6 +76,13 @@ def display_p3() -> bytes:
     return data
 
 
+def swop_cmyk() -> bytes:
+    """libvips' built-in CMYK (SWOP) profile."""
+    black = pyvips.Image.black(1, 1, bands=3).copy(interpretation="srgb")
+    data: bytes = black.icc_transform("cmyk", input_profile="srgb").get("icc-profile-data")
+    return data
+
+
 def make(out: Path) -> list[dict[str, Any]]:
     upright = picture()
     p3 = display_p3()
@@ -98,6 +106,13 @@ def make(out: Path) -> list[dict[str, Any]]:
     upright.save(case("p3-png", "png", upright, icc=p3.hex()), icc_profile=p3, exif=exif())
     cmyk = upright.convert("CMYK")
     cmyk.save(case("cmyk", "jpg", cmyk.convert("RGB"), lossy=True), quality=95)
+    # A print-shop CMYK JPEG with its profile: upright means converted through that profile.
+    press = ImageCms.ImageCmsProfile(io.BytesIO(swop_cmyk()))
+    cmyk = ImageCms.profileToProfile(upright, ImageCms.createProfile("sRGB"), press, outputMode="CMYK")
+    assert cmyk is not None
+    seen = ImageCms.profileToProfile(cmyk, press, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    assert seen is not None
+    cmyk.save(case("cmyk-icc", "jpg", seen, lossy=True), quality=95, icc_profile=swop_cmyk())
     ramp = Image.linear_gradient("L").resize(SIZE)
     sixteen = ramp.convert("I").point(lambda value: value * 257).convert("I;16")
     sixteen.save(case("gray16", "png", ramp.convert("RGB"), sixteen=True))
