@@ -179,7 +179,9 @@ def load(
     except BaseException:
         header.close()
         raise
-    if header not in photo.frames:  # else it is the decoded picture itself (closing frees it)
+    # Identity, not ==: Image.__eq__ compares pixels. The header may be the decoded picture
+    # itself (loaded in place), which closing would free.
+    if not any(frame is header for frame in photo.frames):
         header.close()
     return photo
 
@@ -240,7 +242,7 @@ def _decode(
 
 
 def working_mode(image: Image.Image, icc: bytes | None) -> Image.Image:
-    """A mode Pillow resizes well, keeping depth and alpha: L/LA/RGB/RGBA/I/F (or 1/P kept)."""
+    """A mode Pillow resizes well, keeping depth and alpha: L, LA, RGB, RGBA, I or F."""
     mode = image.mode
     if mode == "CMYK":
         return to_srgb(image, icc, "RGB")
