@@ -77,7 +77,12 @@ def test_discovery_reads_the_task_types_and_narrows(tmp_path: Path) -> None:
         "hostile_probe": "hostile_tools",
     }
     assert set(discover(TEST_MODULES, {"image_resize", "ledger_echo"})) == {"image_resize", "ledger_echo"}
-    assert read_module(TEST_MODULES / "image_tools").dependencies == ("pillow>=10,<14",)
+    assert read_module(TEST_MODULES / "image_tools").dependencies == (
+        "pillow>=11.3,<14",
+        "pillow-heif>=0.18,<2",
+        "pyvips>=2.2,<4",
+        "pyvips-binary>=8.16,<9",
+    )
 
 
 def test_malformed_module_is_skipped_by_name(tmp_path: Path, caplog: object) -> None:

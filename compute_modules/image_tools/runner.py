@@ -2,21 +2,24 @@
 
 Speaks the cl_tasks runner protocol (see cl_tasks/runner.py): job specs as JSON
 lines on stdin; progress, result or error as JSON lines on stdout; logs on
-stderr. Imports only the standard library and Pillow.
+stderr. The image work (engines, orientation, colour, modes, animation,
+metadata, atomic writes) is :mod:`photos`; docs/photos.md has the decisions.
 
 image_resize
     input_paths, output_paths (same length, unique), width, height (pixels,
     1..20000), maintain_aspect_ratio (default false: exactly width x height;
-    true: fit inside, aspect kept). Lanczos. Output:
+    true: fit inside, aspect kept, never enlarged, as Pillow's ``thumbnail``).
+    Lanczos-grade. Output:
     {"processed_files": [...], "dimensions": {"width", "height"}} where
     dimensions are those of the first output image.
 image_conversion
     input_paths, output_paths, format (png, jpg, jpeg, webp, gif, bmp, tiff),
-    quality (1..100, default 85; used for jpg/jpeg/webp). RGBA/LA/P images are
-    flattened onto white for JPEG. Output: {"processed_files", "format", "quality"}.
+    quality (1..100, default 85; used for jpg/jpeg/webp). Alpha is flattened
+    onto white for JPEG and BMP (GIF: partly transparent pixels).
+    Output: {"processed_files", "format", "quality"}.
 
 Images above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) are
-refused. Output folders are created.
+refused, naming the limit. Output folders are created.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import photos
+from PIL import Image
 
 #: Largest width or height a job may ask for, in pixels.
 MAX_SIDE = 20000
@@ -85,34 +89,6 @@ def integer(params: dict[str, Any], name: str, low: int, high: int, default: int
     return value
 
 
-def open_image(path: str) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise JobFailed(f"input image {path} does not exist") from None
-    except PermissionError:
-        raise JobFailed(f"input image {path} is not readable") from None
-    except IsADirectoryError:
-        raise JobFailed(f"input image {path} is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise JobFailed(
-            f"input image {path} is too large: {exc} (limit {Image.MAX_IMAGE_PIXELS} pixels)"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise JobFailed(f"input image {path} is not a readable image: {exc}") from None
-    return image
-
-
-def save(image: Image.Image, path: str, fmt: str, **options: Any) -> None:
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.save(target, format=fmt, **options)
-    except (OSError, ValueError, KeyError) as exc:
-        raise JobFailed(f"cannot write {path} as {fmt}: {exc}") from None
-
-
 def format_of(path: str) -> str:
     fmt = FORMATS.get(Path(path).suffix.lower().lstrip("."))
     if fmt is None:
@@ -123,37 +99,21 @@ def format_of(path: str) -> str:
 def image_resize(job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     check_known(params, RESIZE_PARAMS, "image_resize")
     pairs = paths(params)
-    width = integer(params, "width", 1, MAX_SIDE)
-    height = integer(params, "height", 1, MAX_SIDE)
+    box = (integer(params, "width", 1, MAX_SIDE), integer(params, "height", 1, MAX_SIDE))
     keep_aspect = params.get("maintain_aspect_ratio", False)
     if not isinstance(keep_aspect, bool):
         raise JobFailed(f"parameter maintain_aspect_ratio must be true or false, got {keep_aspect!r}")
     sizes = []
     for done, (source, target) in enumerate(pairs, start=1):
         fmt = format_of(target)
-        image = open_image(source)
-        size = (width, height)
-        if keep_aspect:
-            scale = min(width / image.width, height / image.height)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        resized = image.resize(size, Image.Resampling.LANCZOS)
-        if fmt == "JPEG" and resized.mode not in ("RGB", "L"):
-            resized = flatten(resized)
-        save(resized, target, fmt)
-        sizes.append(size)
+        photo = photos.load(source, box, keep_aspect, animate=fmt in photos.ANIMATED_FORMATS)
+        photos.encode(photo, target, fmt)
+        sizes.append(photo.first.size)
         emit(job_id=job_id, event="progress", progress=100.0 * done / len(pairs))
     return {
         "processed_files": [target for _, target in pairs],
         "dimensions": {"width": sizes[0][0], "height": sizes[0][1]},
     }
-
-
-def flatten(image: Image.Image) -> Image.Image:
-    """RGBA/LA/P onto a white background, as RGB (JPEG has no alpha)."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
 
 
 def image_conversion(job_id: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -167,17 +127,10 @@ def image_conversion(job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     name = name.lower()
     quality = integer(params, "quality", 1, 100, default=85)
     fmt = FORMATS[name]
+    options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
     for done, (source, target) in enumerate(pairs, start=1):
-        image = open_image(source)
-        options: dict[str, Any] = {}
-        if fmt == "JPEG":
-            image = image if image.mode in ("RGB", "L") else flatten(image)
-            options["quality"] = quality
-        elif fmt == "WEBP":
-            options["quality"] = quality
-        elif fmt == "BMP" and image.mode not in ("RGB", "L", "P", "1"):
-            image = image.convert("RGBA")
-        save(image, target, fmt, **options)
+        photo = photos.load(source, animate=fmt in photos.ANIMATED_FORMATS)
+        photos.encode(photo, target, fmt, **options)
         emit(job_id=job_id, event="progress", progress=100.0 * done / len(pairs))
     return {"processed_files": [target for _, target in pairs], "format": name, "quality": quality}
 
@@ -196,7 +149,7 @@ def serve(line: str) -> None:
         if not isinstance(params, dict):
             raise JobFailed("params must be a JSON object")
         emit(job_id=job_id, event="result", output=task(job_id, params))
-    except JobFailed as exc:
+    except (JobFailed, photos.PhotoError) as exc:
         emit(job_id=job_id, event="error", message=str(exc))
     except Exception as exc:  # a bug here must not take the warm runner down
         print(f"job {job_id} failed unexpectedly: {exc!r}", file=sys.stderr)
@@ -204,6 +157,7 @@ def serve(line: str) -> None:
 
 
 def main() -> None:
+    photos.configure()
     print("image_tools runner ready", file=sys.stderr)
     for line in sys.stdin:
         if line.strip():
