@@ -11,9 +11,14 @@ step and a task's own retry all reach :meth:`App.send_task`, which
 3. publishes the message, and
 4. marks the reservation published.
 
-A row that cannot be written raises from the call, so a client never holds a
-task id of a job that has no row. Intake, whose rows exist already, publishes
-through :meth:`App.publish_job` (steps 3 only; it marks its batches itself).
+A row that cannot be written raises :class:`cl_tasks.jobs.JobRowError` (with
+the database's reason) from the call, so a client never holds a task id of a
+job that has no row. ``priority`` is the job's priority as the API's routes take
+it, 0-10 (default 5, stored in the row); the broker gets the matching 0-9
+(:func:`cl_tasks.jobs_table.broker_priority`: 10 runs before 9). Where no API
+service made the ``jobs`` table, the first submission creates it (era A).
+Intake, whose rows exist already, publishes through :meth:`App.publish_job`
+(step 3 only; it marks its batches itself).
 Other tasks are published as Celery does.
 
 When a worker starts (not at import, and not in clients), ``CL_SERVER_DIR`` is
@@ -38,6 +43,7 @@ import transports  # noqa: F401 - registers the ``sqlite://`` broker alias
 from cl_tasks import flower_support
 from cl_tasks.catalog import is_compute
 from cl_tasks.jobs import job_store
+from cl_tasks.jobs_table import API_DEFAULTS, broker_priority
 from cl_tasks.messages import check_serializer, encode_params
 from cl_tasks.settings import current
 from transports.wakeup import interrupt
@@ -55,8 +61,12 @@ class App(Celery):  # type: ignore[misc]
         params = dict(kwargs or {})
         text = encode_params(name, params, current().job_params_max_bytes)
         task_id = options.pop("task_id", None) or uuid()
+        priority = options.get("priority")
+        job_priority = API_DEFAULTS["priority"] if priority is None else int(priority)
+        options["priority"] = broker_priority(job_priority)
         store = job_store()
-        store.create(task_id, name, text, priority=options.get("priority"))
+        store.ensure_jobs_table()
+        store.create(task_id, name, text, priority=job_priority)
         result = super().send_task(name, args, params, task_id=task_id, **options)
         store.mark_published([task_id])
         return result

@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("task", help="task type, e.g. image_resize")
     submit.add_argument("params", nargs="*", metavar="key=value", help="job parameters")
-    submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="9 runs first")
+    submit.add_argument(
+        "--priority", type=int, choices=range(11), metavar="0-10", help="10 runs first (default 5)"
+    )
     submit.add_argument("--wait", action="store_true", help="follow the job to its end and print its output")
     submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait (3600)")
     jobs = commands.add_parser("jobs", help="list jobs, newest first")

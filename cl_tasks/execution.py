@@ -42,11 +42,12 @@ from cl_tasks import hooks
 from cl_tasks.app import app
 from cl_tasks.catalog import compute_modules, is_compute
 from cl_tasks.confinement import detect
-from cl_tasks.jobs import JobStore, job_store
+from cl_tasks.jobs import Job, JobStore, job_store
+from cl_tasks.jobs_table import API_DEFAULTS
 from cl_tasks.messages import params_too_large
 from cl_tasks.modules import Module, ModuleError, venv_python
 from cl_tasks.results import ResultBackend
-from cl_tasks.runner import JobError, RunnerPool
+from cl_tasks.runner import JobError, RunnerCrashed, RunnerPool
 from cl_tasks.settings import Settings, current
 from cl_tasks.staging import Protected, run_job
 from transports.process import PerProcess
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
 #: Seconds between tries of a job's claim or end while the database's disk is full.
 DISK_FULL_RETRY = 2.0
+#: Seconds before a job whose runner crashed runs again.
+RETRY_DELAY = 1.0
 
 _T = TypeVar("_T")
 
@@ -169,16 +172,24 @@ class Engine:
         owner = f"{task.request.hostname}:{os.getpid()}:{job_id}"
         claim = written(lambda: store.claim(job_id, owner, self.settings.job_lease))
         if claim.outcome == "missing":
-            written(lambda: store.create(job_id, task.name, params))
-            claim = written(lambda: store.claim(job_id, owner, self.settings.job_lease))
+            # Every submit path writes the row before the message: a row that is gone was
+            # deleted by the API service, which is how it cancels a job.
+            logger.warning(
+                "job %s (%s): its jobs row is gone (cancelled); the message is dropped", job_id, task.name
+            )
+            raise Ignore()
         if claim.outcome == "done":
             raise Ignore()
         if claim.outcome == "busy":
-            raise task.retry(countdown=claim.retry_in + 0.5, max_retries=None)
+            # Another live worker holds it: wait for as long as it lives (ComputeTask.max_retries is None).
+            raise task.retry(countdown=claim.retry_in + 0.5)
+        assert claim.job is not None
         hooks.job_progress.send(sender=task.name, job_id=job_id, progress=0.0)
         with self.leases.holding(job_id, owner):
             try:
                 output = self._run(task, params, owner)
+            except RunnerCrashed as exc:
+                raise self._retry_or_fail(task, claim.job, owner, exc) from None
             except SoftTimeLimitExceeded:
                 message = f"stopped: the soft time limit of {task.request.timelimit[1]} s was exceeded"
                 self.fail(task.name, job_id, message, owner)
@@ -191,6 +202,26 @@ class Engine:
                 raise
         self._complete(task, output, owner)
         return output
+
+    def _retry_or_fail(self, task: Task, job: Job, owner: str, crash: RunnerCrashed) -> BaseException:
+        """A crashed or killed runner: the job runs again up to the row's ``max_retries``.
+
+        ``retry_count`` counts the attempts made; past ``max_retries`` the job ends
+        ``error`` naming them. (Bad input is a :class:`JobError`, never retried.)
+        """
+        attempt = (job.retry_count or 0) + 1
+        allowed = API_DEFAULTS["max_retries"] if job.max_retries is None else int(job.max_retries)
+        if attempt > allowed:
+            message = f"{crash} (attempt {attempt}; max_retries={allowed} retries used up)"
+            self.fail(task.name, job.job_id, message, owner)
+            return JobError(message)
+        note = f"attempt {attempt} failed, retrying: {crash}"
+        logger.warning("job %s: %s", job.job_id, note)
+        if not written(lambda: self.store.requeue(job.job_id, owner, note)):
+            dropped: BaseException = Ignore()  # another worker took it over meanwhile
+            return dropped
+        retry: BaseException = task.retry(countdown=RETRY_DELAY, exc=crash)
+        return retry
 
     def _complete(self, task: Task, output: Any, owner: str) -> None:
         request, backend, job_id = task.request, task.backend, task.request.id

@@ -33,6 +33,7 @@ from celery import signals
 from cl_tasks.app import App
 from cl_tasks.catalog import consumed_task_types
 from cl_tasks.jobs import Job, JobStore, job_store
+from cl_tasks.jobs_table import API_DEFAULTS, JOB_PRIORITIES, JobsTableError, JobsTableMissing
 from cl_tasks.messages import params_too_large
 from cl_tasks.settings import Settings, current
 from transports.store import DatabaseFull
@@ -63,6 +64,7 @@ class Intake(threading.Thread):
         self._task_types = task_types
         self._stopped = threading.Event()
         self._last_scan = 0.0
+        self._last_problem = ""
         path = settings.sqlite_path
         self._watch = CommitWatch(path) if path is not None else None
 
@@ -84,9 +86,20 @@ class Intake(threading.Thread):
                     last_id = max(last_id, self.scan(after_id=last_id))
             except DatabaseFull as exc:
                 logger.error("intake of queued jobs waits: %s", exc)
+            except JobsTableMissing as exc:
+                self._log_once(
+                    f"intake waits: {exc}; the API service creates it (or the first Celery-side job)"
+                )
+            except JobsTableError as exc:
+                self._log_once(f"intake waits: {exc}")
             except Exception:
                 logger.exception("intake of queued jobs failed; retrying")
             self._wait(next_full_scan - time.monotonic())
+
+    def _log_once(self, message: str) -> None:
+        if message != self._last_problem:
+            logger.error("%s", message)
+            self._last_problem = message
 
     def _wait(self, timeout: float) -> None:
         timeout = max(timeout, MIN_SCAN_GAP)
@@ -123,38 +136,81 @@ class Intake(threading.Thread):
         return top
 
     def publish(self, job: Job) -> bool:
-        """Publish ``job``'s message; False when its row was ended ``error`` instead."""
-        limit = self._settings.job_params_max_bytes
-        stored = job.params.encode("utf-8") if isinstance(job.params, str) else bytes(job.params)
-        problem = params_too_large(len(stored), limit)
-        if problem:
-            self._store.fail(job.job_id, problem)
-            return False
+        """Publish ``job``'s message; False when its row was ended ``error`` instead.
+
+        Whatever the row holds (bytes, a number, invalid UTF-8, 5,000-deep JSON), a row
+        that cannot be published ends ``error`` with the reason, alone: it never stops
+        the scan or holds back another row.
+        """
         try:
-            params = json.loads(stored)
-        except ValueError as exc:
-            self._store.fail(job.job_id, f"params is not valid JSON ({exc}); fix the row's params")
-            return False
-        if not isinstance(params, dict):
-            self._store.fail(job.job_id, "params must be a JSON object of the job's parameters")
+            params = self._params(job)
+        except _RowRefused as exc:
+            self._store.fail(job.job_id, str(exc))
+            logger.error("queued job %s ended error: %s", job.job_id, exc)
             return False
         self._app.publish_job(job.job_id, job.task_type, params, self._priority(job))
         logger.info("queued job %s (%s) published", job.job_id, job.task_type)
         return True
 
-    @staticmethod
-    def _priority(job: Job) -> int | None:
-        if job.priority is None:
-            return None
+    def _params(self, job: Job) -> dict[str, Any]:
+        """The row's params as a dict, or :class:`_RowRefused` saying what is wrong with them."""
+        if not isinstance(job.params, str):
+            raise _RowRefused(f"params is {type(job.params).__name__}, not JSON text; fix the row's params")
         try:
-            return max(0, min(9, int(job.priority)))
+            stored = job.params.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _RowRefused("params is not valid UTF-8 text; fix the row's params") from None
+        problem = params_too_large(len(stored), self._settings.job_params_max_bytes)
+        if problem:
+            raise _RowRefused(problem)
+        try:
+            params = json.loads(stored)
+        except RecursionError:
+            raise _RowRefused("params is JSON nested too deeply to read; fix the row's params") from None
+        except ValueError as exc:
+            raise _RowRefused(f"params is not valid JSON ({exc}); fix the row's params") from None
+        if not isinstance(params, dict):
+            raise _RowRefused("params must be a JSON object of the job's parameters")
+        return params
+
+    @staticmethod
+    def _priority(job: Job) -> int:
+        """The row's priority (0-10, default 5); anything else is logged and runs at the default."""
+        if job.priority is None:
+            return API_DEFAULTS["priority"]
+        try:
+            return max(0, min(JOB_PRIORITIES[-1], int(job.priority)))
         except (TypeError, ValueError, OverflowError):
             logger.warning(
-                "job %s has priority %r, not a number from 0 to 9; it runs at the default priority",
+                "job %s has priority %r, not a number from 0 to 10; it runs at the default priority",
                 job.job_id,
                 job.priority,
             )
-            return None
+            return API_DEFAULTS["priority"]
+
+
+class _RowRefused(ValueError):
+    """Raised when a queued row cannot become a message; the message is the row's error."""
+
+
+@signals.celeryd_after_setup.connect
+def check_jobs_table(**_: Any) -> None:
+    """A ``jobs`` table the worker cannot use stops it at start, with one line naming the column.
+
+    A table not made yet is waited for (the API's migration makes it; see
+    :mod:`cl_tasks.jobs_table`, start order).
+    """
+    try:
+        layout = job_store().layout
+    except JobsTableMissing as exc:
+        logger.warning(
+            "%s; intake waits for the API service to create it (or the first Celery-side job)", exc
+        )
+        return
+    except JobsTableError as exc:
+        logger.critical("%s", exc)
+        raise SystemExit(1) from exc
+    logger.info("jobs table: era %s (columns %s)", layout.era, ", ".join(sorted(layout.present)))
 
 
 class IntakeStarter:

@@ -24,8 +24,10 @@ read-then-write transaction fails with ``SQLITE_BUSY_SNAPSHOT``, which
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -34,96 +36,48 @@ from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
     Connection,
     Engine,
-    Float,
-    Index,
-    Integer,
     MetaData,
     Table,
-    Text,
     bindparam,
     create_engine,
     delete,
     event,
     func,
-    inspect,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from cl_tasks.jobs_table import (
+    JobsTableMissing,
+    Layout,
+    intake,
+    leases,
+    ours,
+    reflect,
+)
+from cl_tasks.jobs_table import metadata as jobs_metadata
 from cl_tasks.settings import current
 from transports.process import PerProcess
 from transports.store import DatabaseFull
 
+logger = logging.getLogger(__name__)
+
 #: :meth:`JobStore.max_id` on SQLite, in the driver's own terms.
 MAX_ID_SQLITE = "SELECT coalesce(max(id), 0) FROM jobs"
 
-metadata = MetaData()
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("job_id", Text, unique=True, nullable=False),
-    Column("task_type", Text, nullable=False),
-    Column("params", Text, nullable=False, server_default="{}"),
-    Column("status", Text, nullable=False),
-    Column("progress", Integer, nullable=False, server_default="0"),
-    Column("created_at", BigInteger),
-    Column("started_at", BigInteger),
-    Column("completed_at", BigInteger),
-    Column("task_output", Text),
-    Column("error_message", Text),
-    Column("retry_count", Integer, server_default="0"),
-    Column("max_retries", Integer, server_default="3"),
-    Column("created_by", Text),
-    # Optional: used when the table has it (the API's may not); 0-9, higher first.
-    Column("priority", Integer),
-    Index("ix_jobs_status", "status"),
-)
-leases = Table(
-    "cl_tasks_job_lease",
-    metadata,
-    Column("job_id", Text, primary_key=True),
-    Column("owner", Text, nullable=False),
-    Column("expires_at", Float, nullable=False),
-)
-intake = Table(
-    "cl_tasks_intake",
-    metadata,
-    Column("job_id", Text, primary_key=True),
-    Column("reserved_at", Float, nullable=False),
-    Column("published_at", Float),
-)
-
 QUEUED, PROCESSING, COMPLETED, ERROR = "queued", "processing", "completed", "error"
-#: Columns the worker reads or writes; an existing ``jobs`` table must have them.
-REQUIRED_COLUMNS = frozenset(
-    {
-        "job_id",
-        "task_type",
-        "params",
-        "status",
-        "progress",
-        "created_at",
-        "started_at",
-        "completed_at",
-        "task_output",
-        "error_message",
-    }
-)
 #: Seconds SQLite waits for another writer before failing.
 SQLITE_BUSY_TIMEOUT = 60.0
 #: PostgreSQL's SQLSTATE for "could not extend file: No space left on device".
 POSTGRESQL_DISK_FULL = "53100"
 
 
-class JobsTableError(RuntimeError):
-    """Raised when the ``jobs`` table exists but lacks a column the worker needs."""
+class JobRowError(RuntimeError):
+    """Raised when a submitted job's row cannot be written: nothing was submitted."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +96,8 @@ class Job:
     task_output: str | None
     error_message: str | None
     priority: int | None = None
+    retry_count: int | None = None
+    max_retries: int | None = None
 
     def output(self) -> Any:
         """``task_output`` decoded from JSON (None when unset)."""
@@ -179,6 +135,9 @@ def _immediate_transactions(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        # Anyone can write any bytes into a TEXT column: one row of invalid UTF-8 must not
+        # make every read fail (intake ends such a row ``error`` on its own).
+        dbapi_connection.text_factory = _lenient_text
         # NORMAL is safe (never corrupts) only in WAL mode; a rollback-journal file keeps FULL.
         wal = dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         if wal or synchronous != "NORMAL":
@@ -198,12 +157,43 @@ class JobStore:
         self.synchronous = synchronous
         # Pooled connections must never cross a fork: each process makes its own engine.
         self._engine: PerProcess[Engine] = PerProcess(self._create_engine)
-        self._columns: frozenset[str] = frozenset()
+        self._layout: Layout | None = None
+        self._layout_lock = threading.Lock()
         self._statements: dict[Any, Any] = {}
 
     @property
     def engine(self) -> Engine:
         return self._engine.get()
+
+    @property
+    def layout(self) -> Layout:
+        """The ``jobs`` table as found (reflected once it exists; :class:`JobsTableMissing` before)."""
+        layout = self._layout
+        if layout is None:
+            with self._layout_lock:
+                if self._layout is None:
+                    # A read-only connection: the first look may come inside a write transaction.
+                    with self.reading() as conn:
+                        self._layout = reflect(conn)
+                    self._statements = {}
+                layout = self._layout
+        return layout
+
+    @property
+    def table(self) -> Table:
+        return self.layout.table
+
+    def ensure_jobs_table(self) -> None:
+        """Create ``jobs`` (era A) when no API service made one: the standalone setup."""
+        try:
+            self.layout  # noqa: B018 - reflects the table
+        except JobsTableMissing:
+            create_tables(jobs_metadata, self.engine)
+            logger.warning(
+                "created the jobs table (era A) in %s: no API service had made one"
+                " (start the API first when it should own this database)",
+                self.engine.url.render_as_string(hide_password=True),
+            )
 
     def _create_engine(self) -> Engine:
         url = sqlalchemy_url(self.url)
@@ -212,20 +202,9 @@ class JobStore:
             _immediate_transactions(engine, self.synchronous)
         else:
             engine = create_engine(url, pool_pre_ping=True)
-        create_tables(metadata, engine)
-        self._columns = frozenset(column["name"] for column in inspect(engine).get_columns("jobs"))
-        missing = REQUIRED_COLUMNS - self._columns
-        if missing:
-            raise JobsTableError(
-                f"the jobs table of {engine.url.render_as_string()} lacks columns {sorted(missing)};"
-                " it must follow the cl_server schema (see README)"
-            )
+        # Only our own tables: ``jobs`` is the API's (see cl_tasks.jobs_table, start order).
+        create_tables(ours, engine)
         return engine
-
-    @property
-    def has_priority(self) -> bool:
-        self.engine  # noqa: B018 - reflects the columns
-        return "priority" in self._columns
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -268,9 +247,15 @@ class JobStore:
         return statement
 
     def _select_jobs(self) -> Any:
-        names = [name for name in Job.__dataclass_fields__ if name != "priority" or self.has_priority]
-        columns: list[Any] = [jobs.c[name] for name in names]
-        return select(*columns).select_from(jobs)
+        layout = self.layout
+        names = [name for name in Job.__dataclass_fields__ if layout.has(name)]
+        return select(*[layout.read(name) for name in names]).select_from(layout.table)
+
+    def _changed(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` of an update, with ``updated_at`` kept current where the table has it (era C)."""
+        if self.layout.has("updated_at"):
+            return {**values, "updated_at": bindparam("b_updated_at")}
+        return values
 
     @staticmethod
     def _job(row: Any) -> Job:
@@ -292,22 +277,31 @@ class JobStore:
         Its message is on the way (the caller publishes it next). Returns False
         when the row already exists (a retry): nothing is changed then.
         """
-        values: dict[str, Any] = {
-            "job_id": job_id,
-            "task_type": task_type,
-            "params": params if isinstance(params, str) else json.dumps(params),
-            "status": QUEUED,
-            "progress": 0,
-            "created_at": now_ms(),
-            "created_by": created_by,
-        }
-        if priority is not None and self.has_priority:
-            values["priority"] = priority
-        with self.transaction() as conn:
-            # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT.
-            insert = self._insert(jobs).values(**values).on_conflict_do_nothing()
-            inserted = conn.execute(insert.returning(jobs.c.job_id)).first() is not None
-            self._reserve_intake(conn, job_id)
+        now = now_ms()
+        values = self.layout.new_row(
+            {
+                "job_id": job_id,
+                "task_type": task_type,
+                "params": params if isinstance(params, str) else json.dumps(params),
+                "status": QUEUED,
+                "created_at": now,
+                "updated_at": now,
+                "created_by": created_by,
+                **({} if priority is None else {"priority": priority}),
+            }
+        )
+        table = self.table
+        try:
+            with self.transaction() as conn:
+                # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT.
+                insert = self._insert(table).values(**values).on_conflict_do_nothing()
+                inserted = conn.execute(insert.returning(table.c.job_id)).first() is not None
+                self._reserve_intake(conn, job_id)
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            raise JobRowError(
+                f"job {job_id} ({task_type}): its jobs row could not be written: {exc.orig};"
+                " nothing was submitted"
+            ) from exc
         return inserted
 
     def _reserve_intake(self, conn: Connection, job_id: str) -> bool:
@@ -329,20 +323,22 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self.reading() as conn:
-            row = conn.execute(self._select_jobs().where(jobs.c.job_id == job_id)).first()
+            row = conn.execute(self._select_jobs().where(self.table.c.job_id == job_id)).first()
         return None if row is None else self._job(row)
 
     def recent(self, *, status: str | None = None, limit: int = 50) -> list[Job]:
-        query = self._select_jobs().order_by(jobs.c.id.desc()).limit(limit)
+        query = self._select_jobs().order_by(self.table.c.id.desc()).limit(limit)
         if status is not None:
-            query = query.where(jobs.c.status == status)
+            query = query.where(self.table.c.status == status)
         with self.reading() as conn:
             return [self._job(row) for row in conn.execute(query)]
 
     def backlog(self) -> dict[str, int]:
         """Queued jobs per task type."""
         query = (
-            select(jobs.c.task_type, func.count()).where(jobs.c.status == QUEUED).group_by(jobs.c.task_type)
+            select(self.table.c.task_type, func.count())
+            .where(self.table.c.status == QUEUED)
+            .group_by(self.table.c.task_type)
         )
         with self.reading() as conn:
             return {task_type: count for task_type, count in conn.execute(query)}
@@ -356,9 +352,11 @@ class JobStore:
             return []
         query = (
             self._select_jobs()
-            .where(jobs.c.status == QUEUED, jobs.c.task_type.in_(types), jobs.c.id > after_id)
-            .where(jobs.c.job_id.not_in(select(intake.c.job_id)))
-            .order_by(jobs.c.id)
+            .where(
+                self.table.c.status == QUEUED, self.table.c.task_type.in_(types), self.table.c.id > after_id
+            )
+            .where(self.table.c.job_id.not_in(select(intake.c.job_id)))
+            .order_by(self.table.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
@@ -366,9 +364,29 @@ class JobStore:
         with self.transaction() as conn:
             for row in conn.execute(query).fetchall():
                 job = self._job(row)
-                if self._reserve_intake(conn, job.job_id):
+                if not _clean_text(job.job_id):
+                    # Not even its id can be bound: end it by its row id, so it cannot block others.
+                    message = f"job_id {job.job_id!r} is not valid UTF-8 text; the row cannot be run"
+                    conn.execute(
+                        self._statement("fail_row", self._fail_row), self._fail_row_params(job, message)
+                    )
+                    logger.error("queued row %s of jobs ended error: %s", job.id, message)
+                elif self._reserve_intake(conn, job.job_id):
                     reserved.append(job)
         return reserved
+
+    def _fail_row(self) -> Any:
+        values = {
+            "status": ERROR,
+            "error_message": bindparam("b_message"),
+            "completed_at": bindparam("b_now"),
+        }
+        return update(self.table).where(self.table.c.id == bindparam("b_id")).values(self._changed(values))
+
+    @staticmethod
+    def _fail_row_params(job: Job, message: str) -> dict[str, Any]:
+        now = now_ms()
+        return {"b_id": job.id, "b_message": message, "b_now": now, "b_updated_at": now}
 
     def max_id(self) -> int:
         """The highest ``id`` in ``jobs``: intake's look after every commit, so kept cheap.
@@ -377,7 +395,7 @@ class JobStore:
         connection directly, about six times faster than through :meth:`reading`.
         """
         if self.engine.dialect.name != "sqlite":
-            statement = self._statement("max_id", lambda: select(func.coalesce(func.max(jobs.c.id), 0)))
+            statement = self._statement("max_id", lambda: select(func.coalesce(func.max(self.table.c.id), 0)))
             with self.reading() as conn:
                 return int(conn.execute(statement).scalar_one())
         raw = self.engine.raw_connection()
@@ -414,7 +432,14 @@ class JobStore:
     def claim(self, job_id: str, owner: str, lease: float) -> Claim:
         """Take the job for ``owner``: once, or again when its last holder stopped renewing."""
         now = time.time()
-        params = {"b_job_id": job_id, "b_owner": owner, "b_expires": now + lease, "b_started": now_ms()}
+        started = now_ms()
+        params = {
+            "b_job_id": job_id,
+            "b_owner": owner,
+            "b_expires": now + lease,
+            "b_started": started,
+            "b_updated_at": started,
+        }
         with self.transaction() as conn:
             row = conn.execute(self._statement("claim_job", self._claim_job), params).first()
             if row is None:
@@ -430,18 +455,23 @@ class JobStore:
         return Claim("claimed", job)
 
     def _claim_job(self) -> Any:
-        return self._select_jobs().where(jobs.c.job_id == bindparam("b_job_id")).with_for_update()
+        return self._select_jobs().where(self.table.c.job_id == bindparam("b_job_id")).with_for_update()
 
     @staticmethod
     def _lease_of() -> Any:
         return select(leases).where(leases.c.job_id == bindparam("b_job_id"))
 
-    @staticmethod
-    def _start_job() -> Any:
+    def _start_job(self) -> Any:
+        values = {
+            "status": PROCESSING,
+            "started_at": bindparam("b_started"),
+            "progress": 0,
+            "error_message": None,
+        }
         return (
-            update(jobs)
-            .where(jobs.c.job_id == bindparam("b_job_id"))
-            .values(status=PROCESSING, started_at=bindparam("b_started"), progress=0, error_message=None)
+            update(self.table)
+            .where(self.table.c.job_id == bindparam("b_job_id"))
+            .values(self._changed(values))
         )
 
     def _take_lease(self) -> Any:
@@ -471,13 +501,18 @@ class JobStore:
         statement = self._statement(
             "set_progress",
             lambda: (
-                update(jobs)
-                .where(jobs.c.job_id == bindparam("b_job_id"), jobs.c.status == PROCESSING, self._held())
-                .values(progress=bindparam("b_progress"))
+                update(self.table)
+                .where(
+                    self.table.c.job_id == bindparam("b_job_id"),
+                    self.table.c.status == PROCESSING,
+                    self._held(),
+                )
+                .values(self._changed({"progress": bindparam("b_progress")}))
             ),
         )
+        params = {"b_job_id": job_id, "b_owner": owner, "b_progress": progress, "b_updated_at": now_ms()}
         with self.transaction() as conn:
-            conn.execute(statement, {"b_job_id": job_id, "b_owner": owner, "b_progress": progress})
+            conn.execute(statement, params)
 
     @staticmethod
     def _held() -> Any:
@@ -507,6 +542,28 @@ class JobStore:
             job_id, owner, {"status": ERROR, "error_message": message, "completed_at": now_ms()}
         )
 
+    def requeue(self, job_id: str, owner: str, note: str) -> bool:
+        """Give ``owner``'s job back for another attempt: ``queued``, ``retry_count`` + 1, lease gone.
+
+        Its intake reservation stays (its next message is on the way), so intake does
+        not publish it a second time. False when ``owner`` no longer held it.
+        """
+        statement = self._statement("requeue", self._requeue_job)
+        now = now_ms()
+        params = {"b_job_id": job_id, "b_owner": owner, "b_note": note, "b_updated_at": now}
+        with self.transaction() as conn:
+            changed = conn.execute(statement, params).rowcount
+            if changed:
+                conn.execute(self._statement("end_lease", self._end_lease), params)
+        return bool(changed)
+
+    def _requeue_job(self) -> Any:
+        values: dict[str, Any] = {"status": QUEUED, "progress": 0, "error_message": bindparam("b_note")}
+        if self.layout.has("retry_count"):
+            values["retry_count"] = self.table.c.retry_count + 1
+        condition = (self.table.c.job_id == bindparam("b_job_id"), self.table.c.status == PROCESSING)
+        return update(self.table).where(*condition, self._held()).values(self._changed(values))
+
     def _finish(
         self,
         job_id: str,
@@ -516,22 +573,33 @@ class JobStore:
     ) -> bool:
         key = ("finish", owner is None, *values)
         params = {f"b_{name}": value for name, value in values.items()}
-        params |= {"b_job_id": job_id, "b_owner": owner}
+        params |= {"b_job_id": job_id, "b_owner": owner, "b_updated_at": now_ms()}
         finish = self._statement(key, lambda: self._finish_job(list(values), owner is not None))
         with self.transaction() as conn:
             changed = conn.execute(finish, params).rowcount
-            if changed:
+            gone = (
+                not changed and conn.execute(self._statement("row_of", self._row_of), params).first() is None
+            )
+            if changed or gone:
+                # A row the API deleted (a cancelled job) is not resurrected, and leaves nothing of ours.
                 conn.execute(self._statement("end_lease", self._end_lease), params)
                 conn.execute(self._statement("end_intake", self._end_intake), params)
-                if also is not None:
-                    also(conn)
+            if changed and also is not None:
+                also(conn)
         return bool(changed)
 
+    def _row_of(self) -> Any:
+        return select(self.table.c.id).where(self.table.c.job_id == bindparam("b_job_id"))
+
     def _finish_job(self, names: list[str], owned: bool) -> Any:
-        condition = [jobs.c.job_id == bindparam("b_job_id"), jobs.c.status.in_((QUEUED, PROCESSING))]
+        condition = [
+            self.table.c.job_id == bindparam("b_job_id"),
+            self.table.c.status.in_((QUEUED, PROCESSING)),
+        ]
         if owned:
             condition.append(self._held())
-        return update(jobs).where(*condition).values({name: bindparam(f"b_{name}") for name in names})
+        values = self._changed({name: bindparam(f"b_{name}") for name in names})
+        return update(self.table).where(*condition).values(values)
 
     @staticmethod
     def _end_lease() -> Any:
@@ -540,6 +608,22 @@ class JobStore:
     @staticmethod
     def _end_intake() -> Any:
         return delete(intake).where(intake.c.job_id == bindparam("b_job_id"))
+
+
+def _lenient_text(raw: bytes) -> str:
+    """SQLite TEXT as str: invalid UTF-8 kept as surrogates (then refused by :func:`_clean_text`)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _clean_text(value: Any) -> bool:
+    """Whether ``value`` is a str that is valid UTF-8 (no surrogates from :func:`_lenient_text`)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def create_tables(tables: MetaData, engine: Engine) -> None:

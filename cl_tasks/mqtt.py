@@ -42,7 +42,13 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class JobEvent:
-    """A job's event on ``MQTT_TOPIC``: processing (with progress), completed or error."""
+    """A job's event on ``MQTT_TOPIC``: processing (with progress), completed or error.
+
+    The payload carries the progress twice, for both kinds of client: nested as
+    ``data.progress`` (a float; the seed README's form) and flat as ``progress`` (an
+    int 0-100; what the upstream worker publishes and its Python SDK reads). An
+    ``error`` event has no progress of its own: the flat one is then absent.
+    """
 
     event_type: str
     job_id: str
@@ -50,7 +56,11 @@ class JobEvent:
     timestamp: int = field(default_factory=now_ms)
 
     def payload(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        message = asdict(self)
+        progress = self.data.get("progress")
+        if isinstance(progress, (int, float)):
+            message["progress"] = int(progress)
+        return json.dumps(message).encode()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ class JobError(Exception):
     """A job failed; the message is what the user sees in ``jobs.error_message``."""
 
 
+class RunnerCrashed(JobError):
+    """The runner died mid-job (crashed or killed): not the job's input, so it is tried again."""
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -161,10 +165,10 @@ class Runner:
             ) from None
         return reply
 
-    def _crashed(self) -> JobError:
+    def _crashed(self) -> RunnerCrashed:
         code = self.process.wait(timeout=10)
         tail = " | ".join(list(self._stderr_tail)[-5:])
-        return JobError(f"runner of module {self.module.name} exited with code {code} mid-job: {tail}")
+        return RunnerCrashed(f"runner of module {self.module.name} exited with code {code} mid-job: {tail}")
 
     def kill(self) -> None:
         """Stop the runner and everything it started (its whole process group)."""

@@ -23,10 +23,8 @@ from celery.result import AsyncResult
 from cl_tasks.app import app
 from cl_tasks.catalog import compute_modules, is_compute
 from cl_tasks.execution import engine
+from cl_tasks.jobs_table import JOB_PRIORITIES
 from cl_tasks.runner import JobError
-
-#: Highest Celery priority (the SQLite broker and RabbitMQ queues use 0-9).
-MAX_PRIORITY = 9
 
 
 class ComputeTask(Task):  # type: ignore[misc]
@@ -35,6 +33,9 @@ class ComputeTask(Task):  # type: ignore[misc]
     typing = False
     acks_late = True
     reject_on_worker_lost = True
+    #: Waiting for a live holder of the job is unbounded (Celery's default would end it after 3);
+    #: a crashed runner's attempts are bounded by the row's ``max_retries`` (cl_tasks.execution).
+    max_retries = None
 
     def __call__(self, /, *args: Any, **params: Any) -> Any:
         # Celery's own __call__ takes ``self`` as a keyword too, so a job parameter named
@@ -81,13 +82,14 @@ image_conversion = _define("image_conversion")
 def submit_job(task_type: str, params: dict[str, Any], priority: int | None = None) -> AsyncResult:
     """Submit a job like the API service does, through Celery; returns its AsyncResult.
 
-    ``priority`` is 0 (lowest) to 9 (highest). Params past ``JOB_PARAMS_MAX_BYTES``
-    raise :class:`cl_tasks.messages.JobParamsTooLarge` (from ``app.send_task``).
+    ``priority`` is 0 (lowest) to 10 (highest), as the API's routes take it (default 5).
+    Params past ``JOB_PARAMS_MAX_BYTES`` raise :class:`cl_tasks.messages.JobParamsTooLarge`,
+    a row the database refuses :class:`cl_tasks.jobs.JobRowError` (from ``app.send_task``).
     """
     if not isinstance(params, dict):
         raise TypeError("params must be a dict of the job's parameters")
-    if priority is not None and not 0 <= priority <= MAX_PRIORITY:
-        raise ValueError(f"priority must be from 0 to {MAX_PRIORITY}, got {priority}")
+    if priority is not None and priority not in JOB_PRIORITIES:
+        raise ValueError(f"priority must be from 0 to {JOB_PRIORITIES[-1]}, got {priority}")
     return app.send_task(task_type, kwargs=params, queue=task_type, priority=priority)
 
 

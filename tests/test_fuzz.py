@@ -234,7 +234,7 @@ def test_a_priority_that_is_not_a_number_runs_at_the_default_priority(worker: Wo
     while conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone() != ("completed",):
         assert time.monotonic() < deadline, "the job with priority 'high' did not complete"
         time.sleep(0.05)
-    assert "has priority 'high', not a number from 0 to 9" in worker.text()
+    assert "has priority 'high', not a number from 0 to 10" in worker.text()
 
 
 # -- 2. random bytes as images --------------------------------------------------------

@@ -131,7 +131,10 @@ def test_job_events_processing_then_completed_or_error(
     progress = [event["data"]["progress"] for event in good[:-1]]
     assert progress == sorted(progress) and all(isinstance(p, float) for p in progress)
     assert good[-1]["data"] == {"progress": 100.0, "task_output": {"echo": None}}
-    assert all(set(event) == {"event_type", "job_id", "data", "timestamp"} for event in good)
+    assert all(set(event) == {"event_type", "job_id", "data", "timestamp", "progress"} for event in good)
+    # Both kinds of client: the nested float (seed README) and the flat int (upstream SDK).
+    assert all(event["progress"] == int(event["data"]["progress"]) for event in good)
+    assert all(isinstance(event["progress"], int) for event in good)
     assert not any(m.retain for m in events)
     bad = [m.json() for m in events if m.json()["job_id"] == "bad"]
     assert bad[-1]["event_type"] == "error"
