@@ -154,11 +154,14 @@ class Intake(threading.Thread):
 
     def _params(self, job: Job) -> dict[str, Any]:
         """The row's params as a dict, or :class:`_RowRefused` saying what is wrong with them."""
-        if not isinstance(job.params, str):
-            raise _RowRefused(f"params is {type(job.params).__name__}, not JSON text; fix the row's params")
+        raw: Any = job.params
+        if not isinstance(raw, (str, bytes)):
+            raise _RowRefused(f"params is {type(raw).__name__}, not JSON text; fix the row's params")
         try:
-            stored = job.params.encode("utf-8")
-        except UnicodeEncodeError:
+            # A str read from SQLite holds invalid UTF-8 as surrogates (see cl_tasks.jobs).
+            stored = raw.encode("utf-8") if isinstance(raw, str) else raw
+            stored.decode("utf-8")
+        except UnicodeError:
             raise _RowRefused("params is not valid UTF-8 text; fix the row's params") from None
         problem = params_too_large(len(stored), self._settings.job_params_max_bytes)
         if problem:

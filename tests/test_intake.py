@@ -1,0 +1,157 @@
+"""Intake in-process on SQLite: API rows (the era-A fixture DDL) become broker messages; poison rows end alone."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_schema import api_row, create_sqlite, insert_sqlite
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cl_tasks.app import App
+from cl_tasks.intake import Intake
+from cl_tasks.jobs import JobStore
+from cl_tasks.settings import load
+
+SERVED = "image_resize"
+
+
+def rows(path: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+class Rig:
+    """An era-A media_store.db, its JobStore, a Celery app on it and an Intake (no thread)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.db = folder / "media_store.db"
+        create_sqlite(self.db, "a")
+        self.store = JobStore(f"sqlite:///{self.db}")
+        self.app = App("intake-test", broker=f"sqlite:///{self.db}", set_as_current=False)
+        settings = load({"CL_SERVER_DIR": str(folder), "BROADCAST_TYPE": "noop"})
+        self.intake = Intake(self.app, self.store, settings, lambda: [SERVED])
+
+    def published(self) -> set[str]:
+        """Job ids whose message is in the broker's queue."""
+        payloads = rows(self.db, "SELECT payload FROM kombu_message WHERE queue = ?", SERVED)
+        return {json.loads(payload)["headers"]["id"] for (payload,) in payloads}
+
+    def close(self) -> None:
+        self.app.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path)
+    yield made
+    made.close()
+
+
+def test_an_api_row_becomes_one_message(rig: Rig) -> None:
+    insert_sqlite(rig.db, api_row("j1", SERVED, {"width": 8}))
+    insert_sqlite(rig.db, api_row("other", "image_conversion", {}))
+    rig.intake.scan(after_id=0)
+    rig.intake.scan(after_id=0)  # a second scan publishes nothing again
+    assert rig.published() == {"j1"}
+    assert rows(rig.db, "SELECT published_at IS NOT NULL FROM cl_tasks_intake WHERE job_id = 'j1'") == [(1,)]
+    assert rows(rig.db, "SELECT status FROM jobs WHERE job_id = 'other'") == [("queued",)]
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        (b'{"width": \xff}', "not valid UTF-8"),
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        (42, "must be a JSON object"),
+        (b'{"width": 1}', ""),  # a BLOB of valid JSON: runs
+    ],
+)
+def test_a_poison_row_ends_error_alone_and_later_rows_still_run(rig: Rig, params: Any, reason: str) -> None:
+    # Given a poison row between two good ones
+    insert_sqlite(rig.db, api_row("before", SERVED, {}))
+    insert_sqlite(rig.db, api_row("poison", SERVED, params))
+    insert_sqlite(rig.db, api_row("after", SERVED, {}))
+    # When intake scans
+    rig.intake.scan(after_id=0)
+    # Then the good rows have messages and the poison one ended error with the reason
+    status, message = rows(rig.db, "SELECT status, error_message FROM jobs WHERE job_id = 'poison'")[0]
+    if not reason:
+        assert rig.published() == {"before", "poison", "after"}
+        return
+    assert rig.published() == {"before", "after"}
+    assert status == "error" and reason in message
+
+
+RAW_VALUE = st.one_of(
+    st.none(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.binary(max_size=64),
+    st.text(max_size=64),
+    st.recursive(
+        st.none() | st.integers() | st.text(max_size=8), lambda kids: st.lists(kids, max_size=3)
+    ).map(json.dumps),
+    st.integers(min_value=1, max_value=6000).map(lambda depth: "[" * depth + "]" * depth),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    params=RAW_VALUE,
+    job_id=st.one_of(st.text(min_size=1, max_size=20), st.binary(min_size=1, max_size=20)),
+    status=st.sampled_from(["queued", "QUEUED", "queued ", "processing", "", "done"]),
+    priority=RAW_VALUE,
+)
+def test_no_raw_row_content_holds_back_a_good_row(
+    tmp_path_factory: pytest.TempPathFactory, params: Any, job_id: Any, status: str, priority: Any
+) -> None:
+    rig = Rig(tmp_path_factory.mktemp("fuzz"))
+    try:
+        # Given one row of raw garbage the API (or anyone) wrote, then a good row
+        bad = api_row("x", SERVED, None, status=status)
+        bad.update(job_id=job_id, params=params if params is not None else "null", priority=priority)
+        bad.pop("priority")  # era A has no priority column; the garbage goes where it can
+        try:
+            insert_sqlite(rig.db, bad)
+        except sqlite3.IntegrityError:
+            return  # the API's own constraints refused it (e.g. a duplicate job_id)
+        insert_sqlite(rig.db, api_row("control-job", SERVED, {"width": 1}))
+        # When intake scans
+        rig.intake.scan(after_id=0)
+        # Then the good row has its message, and a queued garbage row either has one or ended error
+        published = rig.published()
+        assert "control-job" in published
+        state = rows(rig.db, "SELECT status, error_message FROM jobs WHERE id = 1")[0]
+        if status == "queued":
+            assert state[0] == "error" and state[1] or (isinstance(job_id, str) and job_id in published)
+        else:
+            assert state[0] == status  # not ours to judge: left as the API wrote it
+    finally:
+        rig.close()
+
+
+def test_a_text_column_holding_invalid_utf8_ends_error_alone(rig: Rig) -> None:
+    # Given params TEXT that is not UTF-8 (sqlite3 cannot even read such a row by default)
+    insert_sqlite(rig.db, api_row("poison", SERVED, "{}"))
+    rows(rig.db, "UPDATE jobs SET params = CAST(x'7b22ff223a317d' AS TEXT) WHERE job_id = 'poison'")
+    insert_sqlite(rig.db, api_row("after", SERVED, {}))
+    rig.intake.scan(after_id=0)
+    assert rig.published() == {"after"}
+    status, message = rows(rig.db, "SELECT status, error_message FROM jobs WHERE job_id = 'poison'")[0]
+    assert status == "error" and "not valid UTF-8" in message
