@@ -27,6 +27,7 @@ submit``) creates it with the era-A DDL (:data:`jobs`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +43,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     cast,
     inspect,
 )
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeEngine
 
 #: What the API fills in Python for the NOT NULL columns that have no server default.
 API_DEFAULTS: dict[str, int] = {"progress": 0, "retry_count": 0, "max_retries": 3, "priority": 5}
@@ -120,6 +125,27 @@ def broker_priority(job_priority: int) -> int:
     return max(0, min(9, job_priority - 1))
 
 
+class JsonText(TypeDecorator[str]):
+    """A JSON column (era C) that we write as JSON text, on SQLite as text, on PostgreSQL as ``json``.
+
+    (psycopg binds a str as VARCHAR, which PostgreSQL refuses for a ``json`` column;
+    reads go through ``CAST(… AS TEXT)``, see :meth:`Layout.read`.)
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.JSON())
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql" and isinstance(value, str):
+            return json.loads(value)  # the JSON type encodes it again
+        return value
+
+
 class JobsTableError(RuntimeError):
     """Raised when the ``jobs`` table cannot be worked with (a column missing or unfillable)."""
 
@@ -190,7 +216,9 @@ def reflect(conn: Connection) -> Layout:
         key = "task_output" if name == output else name
         if "JSON" in str(found[name]["type"]).upper():
             json_columns.add(key)
-        column_type = BigInteger if key.endswith("_at") else Integer if key in INTEGERS else Text
+        column_type: Any = BigInteger if key.endswith("_at") else Integer if key in INTEGERS else Text
+        if key in json_columns:
+            column_type = JsonText
         columns.append(Column(name, column_type, key=key, primary_key=name == "id"))
     table = Table("jobs", MetaData(), *columns)
     era = "C" if output == "output" else "B" if "priority" in found else "A"

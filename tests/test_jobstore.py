@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -193,3 +194,40 @@ def test_optional_columns_may_be_missing(tmp_path: Path) -> None:
     assert not store.layout.has("created_by")
     assert store.create("j1", "image_resize", {}, created_by="api") is True
     assert store.claim("j1", "w1", 30).outcome == "claimed"
+
+
+@pytest.mark.parametrize("pg_era", ERAS)
+def test_every_era_on_postgresql(pg_era: str) -> None:
+    import uuid
+
+    import psycopg
+    from api_schema import create_postgresql
+
+    admin_url = "postgresql://root@127.0.0.1:5432/test"
+    name = f"cljobs_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        create_postgresql(url, pg_era)
+        store = JobStore(url)
+        assert store.create("j1", "image_resize", {"width": 4}, priority=10) is True
+        assert store.claim("j1", "w1", lease=30).outcome == "claimed"
+        assert store.complete("j1", "w1", {"processed_files": ["a"]}) is True
+        job = store.get("j1")
+        assert job is not None and job.status == "completed" and job.output() == {"processed_files": ["a"]}
+        assert json.loads(job.params) == {"width": 4}
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT * FROM jobs").fetchone()
+            names = [column.name for column in conn.execute("SELECT * FROM jobs LIMIT 0").description or []]
+        values = dict(zip(names, row or (), strict=True))
+        assert (values["retry_count"], values["max_retries"], values["progress"]) == (0, 3, 100)
+        if pg_era == "c":
+            assert (
+                values["output"] == {"processed_files": ["a"]}
+                and values["updated_at"] == values["completed_at"]
+            )
+        store.engine.dispose()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
