@@ -34,6 +34,7 @@ from cl_tasks.app import App
 from cl_tasks.catalog import consumed_task_types
 from cl_tasks.jobs import Job, JobStore, job_store
 from cl_tasks.jobs_table import API_DEFAULTS, JOB_PRIORITIES, JobsTableError, JobsTableMissing
+from cl_tasks.lifecycle import WorkerService
 from cl_tasks.messages import params_too_large
 from cl_tasks.settings import Settings, current
 from transports.store import DatabaseFull
@@ -216,24 +217,11 @@ def check_jobs_table(**_: Any) -> None:
     logger.info("jobs table: era %s (columns %s)", layout.era, ", ".join(sorted(layout.present)))
 
 
-class IntakeStarter:
-    """Starts this worker's :class:`Intake` when it is ready (once) and stops it at shutdown."""
-
-    def __init__(self) -> None:
-        self.intake: Intake | None = None
-
-    def on_ready(self, sender: Any = None, **_: Any) -> None:
-        if self.intake is not None or sender is None:
-            return
-        self.intake = Intake(sender.app, job_store(), current(), lambda: consumed_task_types(sender))
-        self.intake.start()
-        logger.info("intake started for %s", list(consumed_task_types(sender)))
-
-    def on_shutting_down(self, **_: Any) -> None:
-        if self.intake is not None:
-            self.intake.stop()
+def _start_intake(consumer: Any) -> Intake:
+    intake = Intake(consumer.app, job_store(), current(), lambda: consumed_task_types(consumer))
+    intake.start()
+    logger.info("intake started for %s", list(consumed_task_types(consumer)))
+    return intake
 
 
-_starter = IntakeStarter()
-signals.worker_ready.connect(_starter.on_ready, weak=False)
-signals.worker_shutting_down.connect(_starter.on_shutting_down, weak=False)
+service = WorkerService(_start_intake, Intake.stop).connect(signals.worker_shutting_down)

@@ -98,19 +98,28 @@ jobs = Table(
     Index("ix_jobs_job_id", "job_id", unique=True),
     Index("ix_jobs_status", "status"),
 )
+
+
+def keyed_table(name: str, metadata: MetaData, key: str, *columns: Column[Any]) -> Table:
+    """A table of ours: a text primary key ``key`` and ``columns`` (never one of the API's)."""
+    return Table(name, metadata, Column(key, Text, primary_key=True), *columns)
+
+
 #: Our two tables beside ``jobs`` (created at start when missing).
 ours = MetaData()
-leases = Table(
+#: Who works on a ``processing`` job and until when (epoch seconds).
+leases = keyed_table(
     "cl_tasks_job_lease",
     ours,
-    Column("job_id", Text, primary_key=True),
+    "job_id",
     Column("owner", Text, nullable=False),
     Column("expires_at", Float, nullable=False),
 )
-intake = Table(
+#: Jobs whose message is on its way (reserved) or in the broker (published).
+intake = keyed_table(
     "cl_tasks_intake",
     ours,
-    Column("job_id", Text, primary_key=True),
+    "job_id",
     Column("reserved_at", Float, nullable=False),
     Column("published_at", Float),
 )

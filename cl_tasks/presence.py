@@ -30,6 +30,7 @@ from celery.worker import state as worker_state
 
 from cl_tasks import hooks
 from cl_tasks.catalog import consumed_task_types
+from cl_tasks.lifecycle import WorkerService
 from cl_tasks.mqtt import Capabilities, JobEvent, Publisher
 from cl_tasks.settings import MqttSettings, SettingsError, check_topic_level, current
 from transports.process import PerProcess
@@ -156,27 +157,16 @@ def check_worker_id(sender: str | None = None, **_: Any) -> None:
             raise SystemExit(1) from exc
 
 
-class AnnouncerStarter:
-    """Starts this worker's :class:`Announcer` when it is ready (once); clears it at shutdown."""
-
-    def __init__(self) -> None:
-        self.announcer: Announcer | None = None
-
-    def on_ready(self, sender: Any = None, **_: Any) -> None:
-        settings = current()
-        if self.announcer is not None or sender is None or not settings.mqtt.enabled:
-            return
-        worker_id = settings.worker_id or sender.hostname
-        self.announcer = Announcer(
-            settings.mqtt, worker_id, lambda: consumed_task_types(sender), lambda: idle_count(sender)
-        )
-        self.announcer.start()
-
-    def on_shutdown(self, **_: Any) -> None:
-        if self.announcer is not None:
-            self.announcer.stop()
+def _start_announcer(consumer: Any) -> Announcer | None:
+    settings = current()
+    if not settings.mqtt.enabled:
+        return None
+    worker_id = settings.worker_id or consumer.hostname
+    announcer = Announcer(
+        settings.mqtt, worker_id, lambda: consumed_task_types(consumer), lambda: idle_count(consumer)
+    )
+    announcer.start()
+    return announcer
 
 
-_starter = AnnouncerStarter()
-signals.worker_ready.connect(_starter.on_ready, weak=False)
-signals.worker_shutdown.connect(_starter.on_shutdown, weak=False)
+service = WorkerService(_start_announcer, Announcer.stop).connect(signals.worker_shutdown)

@@ -24,18 +24,15 @@ from typing import Any
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
-from sqlalchemy import Column, Connection, Float, MetaData, Table, Text, delete, select
+from sqlalchemy import Column, Connection, Float, MetaData, Text, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cl_tasks.jobs import create_tables, job_store
+from cl_tasks.jobs_table import keyed_table
 
 metadata = MetaData()
-results = Table(
-    "cl_tasks_result",
-    metadata,
-    Column("key", Text, primary_key=True),
-    Column("value", Text, nullable=False),
-    Column("expires_at", Float),
+results = keyed_table(
+    "cl_tasks_result", metadata, "key", Column("value", Text, nullable=False), Column("expires_at", Float)
 )
 
 

@@ -44,10 +44,11 @@ Defaults (decided here, documented in the README):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 #: Folder used when ``CL_SERVER_DIR`` is not set (relative to the working directory).
 DEFAULT_SERVER_DIR = "data"
@@ -68,6 +69,9 @@ DEFAULT_HEARTBEAT = 30.0
 DEFAULT_JOB_PARAMS_MAX_BYTES = 1024 * 1024
 #: The compute modules shipped with this repository.
 BUNDLED_MODULES_DIR = Path(__file__).resolve().parent.parent / "compute_modules"
+
+
+_N = TypeVar("_N", int, float)
 
 
 class SettingsError(ValueError):
@@ -234,25 +238,25 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    return _number(env, name, default, float, "a number of seconds")
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    return _number(env, name, default, int, "a whole number")
+
+
+def _number(env: Mapping[str, str], name: str, default: _N, parse: Callable[[str], _N], kind: str) -> _N:
+    """``name`` as a number above 0 (``default`` when unset), or :class:`SettingsError` naming it."""
     raw = env.get(name)
     if not raw:
         return default
     try:
-        value = float(raw)
+        value = parse(raw.strip())
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} must be a number of seconds") from None
+        raise SettingsError(f"{name}={raw!r} must be {kind} above 0") from None
     if value <= 0:
         raise SettingsError(f"{name}={raw!r} must be above 0")
     return value
-
-
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    if not raw.strip().isdigit() or int(raw) <= 0:
-        raise SettingsError(f"{name}={raw!r} must be a whole number above 0")
-    return int(raw)
 
 
 @cache

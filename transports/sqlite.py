@@ -268,12 +268,7 @@ class Channel(virtual.Channel):
         name = exchange or f"amq.{type_}"
         if passive:
             if not self.store.has_exchange(name):
-                raise ChannelError(
-                    f"NOT_FOUND - no exchange {name!r} in {self.store.path}",
-                    (50, 10),
-                    "Channel.exchange_declare",
-                    "404",
-                )
+                raise self._not_found("exchange", name, "Channel.exchange_declare")
             return
         if type_ not in self.exchange_types:
             raise ChannelError(f"exchange type {type_!r} is not supported (direct, topic, fanout)")
@@ -283,6 +278,10 @@ class Channel(virtual.Channel):
                 f"exchange {name!r} exists with type {existing!r}, not {type_!r}; delete it first"
             )
 
+    def _not_found(self, kind: str, name: str, method: str) -> ChannelError:
+        """AMQP's 404 for a passive declare of a missing ``kind`` (as RabbitMQ answers it)."""
+        return ChannelError(f"NOT_FOUND - no {kind} {name!r} in {self.store.path}", (50, 10), method, "404")
+
     def exchange_delete(self, exchange: str, if_unused: bool = False, nowait: bool = False) -> None:
         self.store.delete_exchange(exchange)
 
@@ -290,12 +289,7 @@ class Channel(virtual.Channel):
         name = queue or f"amq.gen-{uuid.uuid4()}"
         if passive:
             if not self.store.has_queue(name):
-                raise ChannelError(
-                    f"NOT_FOUND - no queue {name!r} in {self.store.path}",
-                    (50, 10),
-                    "Channel.queue_declare",
-                    "404",
-                )
+                raise self._not_found("queue", name, "Channel.queue_declare")
         else:
             arguments = kwargs.get("arguments") or {}
             self.store.declare_queue(
@@ -313,25 +307,11 @@ class Channel(virtual.Channel):
             return
         self.store.delete_queue(queue)
 
-    def queue_bind(
-        self,
-        queue: str,
-        exchange: str | None = None,
-        routing_key: str = "",
-        arguments: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        self.store.bind(queue, exchange or "amq.direct", routing_key or "")
+    def queue_bind(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.store.bind(*_binding(queue, *args, **kwargs))
 
-    def queue_unbind(
-        self,
-        queue: str,
-        exchange: str | None = None,
-        routing_key: str = "",
-        arguments: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        self.store.unbind(queue, exchange or "amq.direct", routing_key or "")
+    def queue_unbind(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.store.unbind(*_binding(queue, *args, **kwargs))
 
     def list_bindings(self) -> list[tuple[str, str, str]]:
         return self.store.bindings()
@@ -629,6 +609,13 @@ class Channel(virtual.Channel):
             self.flush_acks()
             self._settle_unsettled()
         super().close()
+
+
+def _binding(
+    queue: str, exchange: str | None = None, routing_key: str = "", arguments: Any = None, **_: Any
+) -> tuple[str, str, str]:
+    """(queue, exchange, routing key) of a kombu ``queue_bind``/``queue_unbind`` call."""
+    return queue, exchange or "amq.direct", routing_key or ""
 
 
 def _warn_late_acks(count: int) -> None:
