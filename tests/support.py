@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+from celery import Celery
 from kombu.connection import Connection
 from PIL import Image
 from sqlalchemy import create_engine, text
@@ -285,6 +287,42 @@ def wait_dead_letter(database: Path, marker: str, timeout: float = 30.0) -> str:
         f"message {marker} was dead-lettered",
     )
     return str(rows[0]["reason"])
+
+
+def capture_events(
+    app: Celery,
+    conn: Connection,
+    until: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float = 60.0,
+    wakeup: bool = True,
+) -> tuple[list[dict[str, Any]], threading.Thread]:
+    """Capture ``app``'s events in a thread as Flower does (one long capture) until ``until(event)``.
+
+    Returns once the receiver consumes (its queue is declared and bound): the events seen
+    (filled as they come) and the thread (ends after ``until`` or ``timeout`` s of silence).
+    """
+    seen: list[dict[str, Any]] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen.append(event)
+        if until(event):
+            receiver.should_stop = True
+
+    receiver = app.events.Receiver(conn, handlers={"*": on_event})
+    consuming = threading.Event()
+    consume_ready = receiver.on_consume_ready
+
+    def on_consume_ready(*args: Any, **kwargs: Any) -> None:
+        consume_ready(*args, **kwargs)
+        consuming.set()
+
+    receiver.on_consume_ready = on_consume_ready
+    capture = {"limit": None, "timeout": timeout, "wakeup": wakeup}
+    listener = threading.Thread(target=receiver.capture, kwargs=capture, daemon=True)
+    listener.start()
+    assert consuming.wait(timeout), "the event receiver did not start consuming"
+    return seen, listener
 
 
 def ledger_runs(ledger: Path) -> Counter[str]:
