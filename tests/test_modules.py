@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cl_tasks.modules import discover, read_module
-from tests.conftest import PYTHON, TEST_MODULES, Worker, insert_job, run_client, subprocess_env, wait_for_job
-
-StartWorker = Callable[..., Worker]
+from tests.support import (
+    PYTHON,
+    TEST_MODULES,
+    StartWorker,
+    insert_job,
+    job_row,
+    poll,
+    run_client,
+    subprocess_env,
+    wait_for_job,
+    wait_until,
+)
 
 BUILD = """
 import logging, sys
@@ -101,35 +108,35 @@ def test_module_whose_venv_cannot_be_built_is_skipped_while_others_run(
     insert_job(database, "good-job", "ledger_echo", {"ledger_path": "ledger.txt"})
     # When a worker is started for both
     worker = start_worker(env, "-Q", "broken_echo,ledger_echo", "-c", "1")
-    # Then the broken module is named in the log, its jobs wait, the others run
+    # Then the broken module is named in the log, its jobs wait, the others run (the good
+    # job, inserted after the broken one, completed: intake has gone past the broken one)
     assert wait_for_job(database, "good-job")["status"] == "completed"
     log = worker.text()
     assert "compute module broken_tools: building its venv" in log
     assert "task type broken_echo (module broken_tools) is not consumed by this worker" in log
-    time.sleep(1)
-    from tests.conftest import job_row
-
     assert job_row(database, "broken-job")["status"] == "queued"
 
 
-def runner_gone(pid_file: Path, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pid_file.exists():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    pid = int(pid_file.read_text())
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
     return False
 
 
-def stopped_hanging_job(server_dir: Path, env: dict[str, str], limit: str) -> dict[str, object]:
-    """The row of a hanging ``misbehave`` job sent with ``limit`` (e.g. ``time_limit=2``)."""
+def runner_gone(pid_file: Path, timeout: float = 10) -> bool:
+    """True once the runner whose pid ``pid_file`` holds has exited (within ``timeout`` s)."""
+    wait_until(pid_file.exists, timeout, f"the runner wrote {pid_file}")
+    return poll(lambda: process_gone(int(pid_file.read_text())), timeout)
+
+
+def stopped_hanging_job(
+    server_dir: Path, env: dict[str, str], start_worker: StartWorker, limit: str
+) -> dict[str, object]:
+    """The row of a hanging ``misbehave`` job sent with ``limit`` (e.g. ``time_limit=2``) to a
+    worker of its own: ended ``error``, its runner gone."""
+    start_worker(env, "-Q", "misbehave", "-c", "1")
     job_id = run_client(
         env,
         (
@@ -140,6 +147,7 @@ def stopped_hanging_job(server_dir: Path, env: dict[str, str], limit: str) -> di
         ),
     ).strip()
     row = wait_for_job(server_dir / "media_store.db", job_id, timeout=60)
+    assert row["status"] == "error"
     assert runner_gone(server_dir / "hang.pid")
     return row
 
@@ -147,18 +155,14 @@ def stopped_hanging_job(server_dir: Path, env: dict[str, str], limit: str) -> di
 def test_soft_time_limit_stops_the_runner_and_fails_the_row(
     server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
 ) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    row = stopped_hanging_job(server_dir, jobs_env, "soft_time_limit=1.5")
-    assert row["status"] == "error"
+    row = stopped_hanging_job(server_dir, jobs_env, start_worker, "soft_time_limit=1.5")
     assert row["error_message"] == "stopped: the soft time limit of 1.5 s was exceeded"
 
 
 def test_hard_time_limit_fails_the_row(
     server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
 ) -> None:
-    start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    row = stopped_hanging_job(server_dir, jobs_env, "time_limit=2")
-    assert row["status"] == "error"
+    row = stopped_hanging_job(server_dir, jobs_env, start_worker, "time_limit=2")
     assert "TimeLimitExceeded" in str(row["error_message"]), row
     assert row["progress"] == 0
 
@@ -218,7 +222,5 @@ def test_pool_processes_start_their_runners_before_the_first_job(
     # Given a prefork worker with two processes for ledger_echo, and no job sent
     worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "2")
     # Then each pool process has started its runner already: no job waits for one
-    deadline = time.monotonic() + 15
-    while len(runners_below(worker.process.pid, "ledger_tools")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll(lambda: len(runners_below(worker.process.pid, "ledger_tools")) >= 2, 15)
     assert len(runners_below(worker.process.pid, "ledger_tools")) == 2, worker.text()[-2000:]
