@@ -8,12 +8,16 @@ import ssl
 import subprocess
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support import port_open, wait_until
 
 
 def free_port() -> int:
@@ -23,13 +27,7 @@ def free_port() -> int:
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+    wait_until(lambda: port_open("127.0.0.1", port), timeout, f"something listens on port {port}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class Received:
 
 
 class Subscriber:
-    """Collects every message on ``topic`` (a real paho client)."""
+    """Collects every message on ``topic`` (a real paho client), from the moment it is subscribed."""
 
     def __init__(
         self,
@@ -57,42 +55,64 @@ class Subscriber:
         ca_file: str | None = None,
     ) -> None:
         self.messages: list[Received] = []
+        #: A topic of this subscriber's own, for :meth:`settle`.
+        self._probe_topic = f"cltest-probe/{uuid.uuid4().hex}"
+        self._probes: set[bytes] = set()
         self._lock = threading.Lock()
-        self._ready = threading.Event()
+        self._subscribed = threading.Event()
         self._client = paho.Client(CallbackAPIVersion.VERSION2)
         if username:
             self._client.username_pw_set(username, password)
         if ca_file:
             self._client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
         self._client.on_message = self._on_message
-        self._client.on_connect = lambda c, *_: (c.subscribe(topic, qos=1), self._ready.set())
+        self._client.on_connect = lambda c, *_: c.subscribe([(topic, 1), (self._probe_topic, 1)])
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
         self._client.connect(host, port)
         self._client.loop_start()
-        assert self._ready.wait(10), "subscriber could not connect"
-        time.sleep(0.2)
+        assert self._subscribed.wait(10), "subscriber could not connect and subscribe"
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
+            if message.topic == self._probe_topic:
+                self._probes.add(bytes(message.payload))
+                return
             self.messages.append(
-                Received(message.topic, message.payload, bool(message.retain), time.monotonic())
+                Received(message.topic, bytes(message.payload), bool(message.retain), time.monotonic())
             )
 
     def on(self, topic: str) -> list[Received]:
         with self._lock:
             return [message for message in self.messages if message.topic == topic]
 
-    def wait_for(self, predicate: Any, timeout: float = 30.0) -> list[Received]:
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.messages)
+
+    def wait_for(
+        self, predicate: Callable[[list[Received]], object], timeout: float = 30.0
+    ) -> list[Received]:
         """Wait until ``predicate(messages)`` is true; returns the messages."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                snapshot = list(self.messages)
-            if predicate(snapshot):
-                return snapshot
-            time.sleep(0.05)
-        raise AssertionError(
-            f"condition not met in {timeout}s; got {[(m.topic, m.payload) for m in snapshot]}"
-        )
+
+        def met() -> tuple[list[Received]] | None:
+            snapshot = self.snapshot()
+            return (snapshot,) if predicate(snapshot) else None
+
+        return wait_until(
+            met, timeout, lambda: f"condition on {[(m.topic, m.payload) for m in self.snapshot()]}"
+        )[0]
+
+    def settle(self, timeout: float = 10.0) -> list[Received]:
+        """Wait until every message the broker sent before now has arrived (the retained ones
+        of the subscription among them); returns the messages.
+
+        A message published now on this subscriber's own probe topic comes back after
+        them: the broker delivers one client's messages in order.
+        """
+        marker = uuid.uuid4().bytes
+        self._client.publish(self._probe_topic, marker, qos=1)
+        wait_until(lambda: marker in self._probes, timeout, "the probe message came back")
+        return self.snapshot()
 
     def close(self) -> None:
         self._client.disconnect()

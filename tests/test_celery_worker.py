@@ -6,20 +6,16 @@ Tasks, retries with countdown, ETA, revoke, ``celery inspect``/``status``/
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import Celery
 
-from tests.conftest import PYTHON, subprocess_env
+from tests.support import Worker, capture_events, run_celery, subprocess_env, wait_until
 
 NODE = f"w1@{socket.gethostname()}"
 
@@ -50,68 +46,33 @@ def sample_app(worker_env: dict[str, str]) -> Iterator[Celery]:
     app.close()
 
 
-def celery(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "celery", "-A", "apps.sample_tasks", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def celery(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_celery(env, *args, app="apps.sample_tasks", timeout=60)
 
 
 @pytest.fixture(scope="module")
-def celery_worker(worker_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+def celery_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
     """A prefork worker with two processes, shared by the tests of this module."""
     log = Path(worker_env["TEST_LEDGER"]).parent / "worker.log"
-    process = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "celery",
-            "-A",
-            "apps.sample_tasks",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "2",
-            "-n",
-            "w1@%h",
-            "-l",
-            "info",
-            "--logfile",
-            str(log),
-            "--without-mingle",
-        ],
-        env=worker_env,
-        text=True,
+    worker = Worker(
+        worker_env, log, "-P", "prefork", "-c", "2", "-n", "w1@%h", app="apps.sample_tasks", gossip=True
     )
-    deadline = time.monotonic() + 60
-    while "ready." not in (log.read_text() if log.exists() else ""):
-        assert process.poll() is None, f"worker exited: {log.read_text() if log.exists() else ''}"
-        assert time.monotonic() < deadline, "worker did not become ready in 60 s"
-        time.sleep(0.1)
-    yield process
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    worker.wait_ready(timeout=60)
+    yield worker
+    worker.stop()
 
 
-def test_tasks_sent_from_the_test_run(sample_app: Celery, celery_worker: Any) -> None:
+def test_tasks_sent_from_the_test_run(sample_app: Celery, celery_worker: Worker) -> None:
     results = [sample_app.send_task("apps.sample_tasks.add", (n, n)) for n in range(10)]
     assert [result.get(timeout=30) for result in results] == [2 * n for n in range(10)]
 
 
-def test_retry_with_countdown(sample_app: Celery, celery_worker: Any) -> None:
+def test_retry_with_countdown(sample_app: Celery, celery_worker: Worker) -> None:
     result = sample_app.send_task("apps.sample_tasks.flaky", ("k1",))
     assert result.get(timeout=30) == 2
 
 
-def test_eta_task_runs_at_its_time(sample_app: Celery, celery_worker: Any) -> None:
+def test_eta_task_runs_at_its_time(sample_app: Celery, celery_worker: Worker) -> None:
     eta = datetime.now(UTC) + timedelta(seconds=2)
     result = sample_app.send_task("apps.sample_tasks.add", (1, 2), eta=eta)
     assert result.get(timeout=30) == 3
@@ -119,28 +80,24 @@ def test_eta_task_runs_at_its_time(sample_app: Celery, celery_worker: Any) -> No
     assert result.date_done.replace(tzinfo=UTC) >= eta - timedelta(milliseconds=50)
 
 
-def test_revoke_before_it_runs(sample_app: Celery, celery_worker: Any, worker_env: dict[str, str]) -> None:
+def test_revoke_before_it_runs(sample_app: Celery, celery_worker: Worker, worker_env: dict[str, str]) -> None:
+    # Given a task the worker holds until its countdown of 3 s
     result = sample_app.send_task("apps.sample_tasks.record", ("revoked",), countdown=3)
-    time.sleep(0.5)
+    celery_worker.wait_for_log(f"Task apps.sample_tasks.record[{result.id}] received", timeout=20)
+    # When it is revoked, Then it ends REVOKED at its time and never runs
     result.revoke()
-    time.sleep(4)
-    assert result.state == "REVOKED"
+    wait_until(lambda: result.state == "REVOKED", 20, "the task was revoked")
     assert not (Path(worker_env["TEST_LEDGER"]) / "runs").exists()
 
 
-def test_revoke_terminate_stops_a_running_task(sample_app: Celery, celery_worker: Any) -> None:
+def test_revoke_terminate_stops_a_running_task(sample_app: Celery, celery_worker: Worker) -> None:
     result = sample_app.send_task("apps.sample_tasks.sleep_for", (30,))
-    deadline = time.monotonic() + 20
-    while result.state != "STARTED" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: result.state == "STARTED", 20, "the task started")
     result.revoke(terminate=True, signal="SIGKILL")
-    deadline = time.monotonic() + 20
-    while result.state != "REVOKED" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert result.state == "REVOKED"
+    wait_until(lambda: result.state == "REVOKED", 20, "the task was revoked")
 
 
-def test_inspect_ping_status_and_control(celery_worker: Any, worker_env: dict[str, str]) -> None:
+def test_inspect_ping_status_and_control(celery_worker: Worker, worker_env: dict[str, str]) -> None:
     ping = celery(worker_env, "inspect", "ping", "-d", NODE, "-t", "3")
     assert ping.returncode == 0, ping.stderr
     assert "pong" in ping.stdout
@@ -158,28 +115,22 @@ def test_inspect_ping_status_and_control(celery_worker: Any, worker_env: dict[st
     assert "'name': 'extra'" in queues.stdout
 
 
-def test_task_events_reach_an_event_receiver(sample_app: Celery, celery_worker: Any) -> None:
+def test_task_events_reach_an_event_receiver(sample_app: Celery, celery_worker: Worker) -> None:
     # Given an event receiver capturing as Flower does (one long capture)
-    seen: list[tuple[str, str]] = []
     sent: list[str] = []
     with sample_app.connection() as conn:
-
-        def on_event(event: dict[str, Any]) -> None:
-            seen.append((event["type"], event.get("uuid", "")))
-            if event["type"] == "task-succeeded" and event.get("uuid") in sent:
-                receiver.should_stop = True
-
-        receiver = sample_app.events.Receiver(conn, handlers={"*": on_event})
-        listener = threading.Thread(
-            target=receiver.capture, kwargs={"limit": None, "timeout": 30, "wakeup": False}, daemon=True
+        seen, listener = capture_events(
+            sample_app,
+            conn,
+            lambda event: event["type"] == "task-succeeded" and event.get("uuid") in sent,
+            timeout=30,
+            wakeup=False,
         )
-        listener.start()
-        time.sleep(1.0)  # the receiver's queue is declared and bound
         # When a task runs
         result = sample_app.send_task("apps.sample_tasks.add", (20, 22))
         sent.append(result.id)
         assert result.get(timeout=30) == 42
         listener.join(timeout=35)
     # Then its whole life reached the receiver through the topic exchange
-    kinds = {kind for kind, task_id in seen if task_id == result.id}
+    kinds = {event["type"] for event in seen if event.get("uuid") == result.id}
     assert {"task-sent", "task-received", "task-started", "task-succeeded"} <= kinds, seen

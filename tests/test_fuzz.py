@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from functools import cache
@@ -23,10 +21,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kombu import Connection
 from PIL import Image
 
-from tests.conftest import TEST_MODULES, TEST_VENVS, Worker, make_api_database, run_client, subprocess_env
+from tests import support
+from tests.support import Worker, count, job_row, publish_raw, run_client, wait_dead_letter, wait_until
 
 FUZZ = settings(
     max_examples=30,
@@ -48,23 +46,14 @@ _serial = itertools.count()
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("fuzz") / "data"
-    folder.mkdir()
-    make_api_database(folder / "media_store.db")
-    Image.new("RGB", (30, 20), (10, 200, 10)).save(folder / "good.png")
+    folder = support.make_server_dir(tmp_path_factory.mktemp("fuzz"))
     (folder / "images").mkdir()
     return folder
 
 
 @pytest.fixture(scope="module")
 def env(data: Path) -> dict[str, str]:
-    return subprocess_env(
-        CL_SERVER_DIR=str(data),
-        COMPUTE_MODULES_DIR=str(TEST_MODULES),
-        COMPUTE_VENV_DIR=str(TEST_VENVS),
-        WORKER_POLL_INTERVAL="1",
-        BROADCAST_TYPE="noop",
-    )
+    return support.compute_env(data, BROADCAST_TYPE="noop")
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +64,15 @@ def worker(data: Path, env: dict[str, str]) -> Iterator[Worker]:
     process.stop()
 
 
-def database(data: Path) -> sqlite3.Connection:
-    return sqlite3.connect(data / "media_store.db", timeout=60, isolation_level=None)
+def jobs(data: Path) -> Path:
+    return data / "media_store.db"
 
 
 def run_row(data: Path, task_type: str, params_text: str, timeout: float = 60.0) -> dict[str, Any]:
     """INSERT a queued row as the API service does; wait until it ends; return it."""
-    job_id = f"fuzz-{next(_serial)}-{uuid.uuid4().hex[:6]}"
-    conn = database(data)
-    conn.execute(
-        "INSERT INTO jobs (job_id, task_type, params, status, created_at) VALUES (?, ?, ?, 'queued', ?)",
-        (job_id, task_type, params_text, int(time.time() * 1000)),
+    return support.run_job(
+        jobs(data), f"fuzz-{next(_serial)}-{uuid.uuid4().hex[:6]}", task_type, params_text, timeout
     )
-    conn.row_factory = sqlite3.Row
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row["status"] in ("completed", "error"):
-                return dict(row)
-            time.sleep(0.02)
-    finally:
-        conn.close()
-    raise AssertionError(f"job {job_id} ({task_type}, params {params_text[:300]!r}) did not end")
 
 
 def assert_clear(message: object) -> None:
@@ -224,16 +199,12 @@ def test_a_param_named_self_is_an_ordinary_unknown_param(worker: Worker, data: P
 def test_a_priority_that_is_not_a_number_runs_at_the_default_priority(worker: Worker, data: Path) -> None:
     # (intake failed on int('high') and retried the row forever, holding up the rows behind it)
     job_id = f"priority-{uuid.uuid4().hex[:6]}"
-    conn = database(data)
-    conn.execute(
-        "INSERT INTO jobs (job_id, task_type, params, status, created_at, priority)"
-        " VALUES (?, 'ledger_echo', ?, 'queued', ?, 'high')",
-        (job_id, json.dumps({"ledger_path": "priority.txt"}), int(time.time() * 1000)),
+    support.insert_job(jobs(data), job_id, "ledger_echo", {"ledger_path": "priority.txt"}, priority="high")
+    wait_until(
+        lambda: job_row(jobs(data), job_id)["status"] == "completed",
+        60,
+        "the job with priority 'high' completed",
     )
-    deadline = time.monotonic() + 60
-    while conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone() != ("completed",):
-        assert time.monotonic() < deadline, "the job with priority 'high' did not complete"
-        time.sleep(0.05)
     assert "has priority 'high', not a number from 0 to 10" in worker.text()
 
 
@@ -344,21 +315,6 @@ def headers_of(shape: str, marker: str) -> dict[str, Any]:
     }[shape]
 
 
-def wait_dead_letter(data: Path, marker: str, timeout: float = 30.0) -> str:
-    """The reason of the dead letter whose stored message carries ``marker``."""
-    conn = database(data)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for payload, reason in conn.execute("SELECT payload, reason FROM kombu_dead_letter"):
-                if marker in payload:
-                    return str(reason)
-            time.sleep(0.02)
-    finally:
-        conn.close()
-    raise AssertionError(f"message {marker} was not dead-lettered")
-
-
 @pytest.mark.parametrize(
     ("body", "shape"),
     [(b"5", "protocol 2"), (b"[1, 2]", "protocol 2"), (b"{}", "protocol 2"), (b"[]", "task is a list")],
@@ -369,14 +325,8 @@ def test_messages_that_stopped_the_worker_are_dead_lettered(
     # (a JSON body that is not [args, kwargs, embed] made Celery stop the worker with
     # "Unrecoverable error"; a task name that is a list did too)
     marker = f"known-message-{uuid.uuid4().hex}"
-    with Connection(f"sqlite:///{data / 'media_store.db'}") as conn:
-        conn.Producer().publish(
-            body,
-            routing_key="ledger_echo",
-            content_type="application/json",
-            headers=headers_of(shape, marker),
-        )
-    reason = wait_dead_letter(data, marker)
+    publish_raw(jobs(data), body, headers_of(shape, marker), "application/json")
+    reason = wait_dead_letter(jobs(data), marker)
     assert reason.startswith("refused by the worker: "), reason
     assert "body is" in reason or "receiving it failed" in reason, reason
     assert worker.process.poll() is None, worker.text()[-3000:]
@@ -394,18 +344,10 @@ def test_random_broker_messages_are_dead_lettered_never_run(
 ) -> None:
     # Given a raw message of random bytes published into a queue the worker consumes
     marker = f"fuzz-message-{uuid.uuid4().hex}"
-    with Connection(f"sqlite:///{data / 'media_store.db'}") as conn:
-        conn.Producer().publish(
-            body,
-            routing_key="ledger_echo",
-            content_type=content_type,
-            content_encoding=encoding,
-            headers=headers_of(shape, marker),
-        )
+    publish_raw(jobs(data), body, headers_of(shape, marker), content_type, encoding)
     # Then it ends in the dead-letter table with a reason, and nothing ran it
-    assert wait_dead_letter(data, marker)
-    rows = database(data).execute("SELECT count(*) FROM jobs WHERE job_id = ?", (marker,)).fetchone()
-    assert rows == (0,)
+    assert wait_dead_letter(jobs(data), marker)
+    assert count(jobs(data), "SELECT count(*) FROM jobs WHERE job_id = :marker", {"marker": marker}) == 0
     assert worker.process.poll() is None, worker.text()[-3000:]
 
 
@@ -434,9 +376,8 @@ def test_huge_params_row_is_refused_naming_the_limit(worker: Worker, data: Path)
 
 
 def test_huge_params_are_refused_at_submit(worker: Worker, data: Path, env: dict[str, str]) -> None:
-    conn = database(data)
     huge_rows = "SELECT count(*) FROM jobs WHERE length(params) > 1000000"
-    rows_before = conn.execute(huge_rows).fetchone()
+    rows_before = count(jobs(data), huge_rows)
     # Given a client with the default limit, When it submits 2 MB of params three ways
     script = f"""
 from cl_tasks import app, image_resize, submit_job
@@ -453,10 +394,8 @@ for send in (lambda: submit_job("ledger_echo", params), lambda: app.send_task("l
     # Then each is refused, naming the limit, and nothing reached the jobs table or the broker
     assert len(refusals) == 3
     assert all(REFUSAL in line for line in refusals), refusals
-    assert conn.execute(huge_rows).fetchone() == rows_before
-    assert conn.execute("SELECT count(*) FROM kombu_message WHERE length(payload) > 1000000").fetchone() == (
-        0,
-    )
+    assert count(jobs(data), huge_rows) == rows_before
+    assert count(jobs(data), "SELECT count(*) FROM kombu_message WHERE length(payload) > 1000000") == 0
 
 
 def test_a_client_with_a_larger_limit_meets_the_workers_limit(
@@ -469,12 +408,12 @@ print(submit_job("ledger_echo", {HUGE}).id)
 """
     job_id = run_client({**env, "JOB_PARAMS_MAX_BYTES": "4000000"}, script).strip()
     # Then the worker ends the job error, naming its own limit
-    conn = database(data)
-    deadline = time.monotonic() + 60
-    while conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone() != ("error",):
-        assert time.monotonic() < deadline, "the oversized job did not end error"
-        time.sleep(0.05)
-    message = conn.execute("SELECT error_message FROM jobs WHERE job_id = ?", (job_id,)).fetchone()[0]
+    row = wait_until(
+        lambda: (row := job_row(jobs(data), job_id))["status"] == "error" and row,
+        60,
+        "the oversized job ended error",
+    )
+    message = row["error_message"]
     assert message.startswith(REFUSAL), message
     assert not (data / "huge.txt").exists()
 

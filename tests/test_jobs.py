@@ -9,27 +9,15 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import (
-    Database,
-    Worker,
-    insert_job,
-    job_row,
-    messages_left,
-    query,
-    run_client,
-    wait_for_job,
-)
+from tests import support
+from tests.support import Database, StartWorker, insert_job, job_row, run_client, wait_for_job
 
 pytestmark = pytest.mark.stack
-
-StartWorker = Callable[..., Worker]
 
 
 def make_image(path: Path, size: tuple[int, int], mode: str = "RGB", fmt: str | None = None) -> None:
@@ -109,10 +97,10 @@ def test_rows_inserted_by_the_api_are_completed(
     with Image.open(server_dir / "out" / "logo.jpg") as image:
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (50, 40))
     # And the API's other tables are untouched
-    assert query(database, "SELECT label, file_path FROM entities") == [
+    assert support.query(database, "SELECT label, file_path FROM entities") == [
         {"label": "cat", "file_path": "cat.jpg"}
     ]
-    assert query(database, "SELECT name FROM users") == [{"name": "admin"}]
+    assert support.query(database, "SELECT name FROM users") == [{"name": "admin"}]
 
 
 CLIENT = """
@@ -175,13 +163,13 @@ def test_two_workers_run_each_of_200_jobs_once(
     rows = [wait_for_job(database, job_id) for job_id in job_ids]
     # Then every row is completed and every job's runner work happened exactly once
     assert {row["status"] for row in rows} == {"completed"}
-    runs = Counter((server_dir / "ledger.txt").read_text().split())
+    runs = support.ledger_runs(server_dir / "ledger.txt")
     assert set(runs) == set(job_ids)
     assert max(runs.values()) == 1, [job for job, count in runs.items() if count > 1]
     # And every message was acked: after a warm shutdown nothing is left in the broker
     for worker in workers:
         worker.stop()
-    assert messages_left(jobs_env["CELERY_BROKER_URL"], "ledger_echo") == 0
+    assert support.messages_left(jobs_env["CELERY_BROKER_URL"], "ledger_echo") == 0
 
 
 def test_a_job_of_a_killed_worker_is_finished_by_another(
@@ -190,10 +178,7 @@ def test_a_job_of_a_killed_worker_is_finished_by_another(
     # Given a worker in the middle of a 4-second job
     first = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1", name="first")
     insert_job(database, "long", "ledger_echo", {"ledger_path": "ledger.txt", "steps": 8, "seconds": 0.5})
-    deadline = time.monotonic() + 60
-    while job_row(database, "long")["progress"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    support.wait_until(lambda: job_row(database, "long")["progress"] > 0, 60, "the job under way")
     assert job_row(database, "long")["status"] == "processing"
     # (a runner's outputs land when its job ends: the killed run leaves no ledger line)
     assert not (server_dir / "ledger.txt").exists()
@@ -231,18 +216,11 @@ def test_progress_reaches_the_row_and_the_celery_state(
 
 
 EVENTS_CLIENT = """
-import json, threading, time, cl_tasks
+import json, cl_tasks
 from cl_tasks import app
-seen = []
+from tests.support import capture_events
 with app.connection() as conn:
-    def on_event(event):
-        seen.append(event)
-        if event["type"] == "task-succeeded":
-            receiver.should_stop = True
-    receiver = app.events.Receiver(conn, handlers={"*": on_event})
-    listener = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": 60}, daemon=True)
-    listener.start()
-    time.sleep(1.0)
+    seen, listener = capture_events(app, conn, lambda event: event["type"] == "task-succeeded")
     result = cl_tasks.submit_job("ledger_echo", {"ledger_path": "l.txt", "steps": 3, "seconds": 0.6})
     result.get(timeout=60)
     listener.join(timeout=60)

@@ -16,44 +16,20 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import (
-    TEST_MODULES,
-    TEST_VENVS,
-    Worker,
-    insert_job,
-    job_row,
-    make_api_database,
-    subprocess_env,
-    wait_for_job,
-)
+from tests import support
+from tests.support import Worker, insert_job, job_row, wait_for_job
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("bad-input") / "data"
-    folder.mkdir()
-    make_api_database(folder / "media_store.db")
-    Image.new("RGB", (30, 20), (10, 200, 10)).save(folder / "good.png")
-    return folder
+    return support.make_server_dir(tmp_path_factory.mktemp("bad-input"))
 
 
 @pytest.fixture(scope="module")
 def worker(data: Path) -> Iterator[Worker]:
-    env = subprocess_env(
-        CL_SERVER_DIR=str(data),
-        COMPUTE_MODULES_DIR=str(TEST_MODULES),
-        COMPUTE_VENV_DIR=str(TEST_VENVS),
-        WORKER_POLL_INTERVAL="1",
-    )
+    queues = "image_resize,image_conversion,misbehave,ledger_echo"
     process = Worker(
-        env,
-        data.parent / "worker.log",
-        "-n",
-        "bad@%h",
-        "-c",
-        "2",
-        "-Q",
-        "image_resize,image_conversion,misbehave,ledger_echo",
+        support.compute_env(data), data.parent / "worker.log", "-n", "bad@%h", "-c", "2", "-Q", queues
     )
     process.wait_ready()
     yield process
@@ -61,8 +37,7 @@ def worker(data: Path) -> Iterator[Worker]:
 
 
 def run_job(data: Path, job_id: str, task_type: str, params: object) -> dict[str, object]:
-    insert_job(data / "media_store.db", job_id, task_type, params)
-    return wait_for_job(data / "media_store.db", job_id, timeout=60)
+    return support.run_job(data / "media_store.db", job_id, task_type, params)
 
 
 def error_of(data: Path, task_type: str, params: object) -> str:
@@ -104,8 +79,14 @@ def test_params_that_are_not_json(data: Path, worker: Worker) -> None:
 
 
 def test_unknown_task_type_stays_queued(data: Path, worker: Worker) -> None:
+    # Given a row of a task type nobody serves, and after it a row of one the worker serves
     insert_job(data / "media_store.db", "unknown-type", "image_teleport", {})
-    time.sleep(3)
+    insert_job(
+        data / "media_store.db", "control-after-unknown", "ledger_echo", {"ledger_path": "control.txt"}
+    )
+    # When the worker's intake has gone past both (the later row completed)
+    assert wait_for_job(data / "media_store.db", "control-after-unknown", timeout=60)["status"] == "completed"
+    # Then the unknown one is still queued, untouched
     assert job_row(data / "media_store.db", "unknown-type")["status"] == "queued"
 
 

@@ -9,9 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from cl_tasks.jobs import JobStore, sqlalchemy_url
-from tests.conftest import port_open
-
-POSTGRES_URL = "postgresql://root@127.0.0.1:5432/test"
+from tests.support import POSTGRES_URL, port_open
 
 
 @pytest.fixture

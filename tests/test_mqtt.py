@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, Database, Worker, insert_job, run_client, subprocess_env, wait_for_job
 from tests.mqtt_support import (
     PrivateMosquitto,
     Received,
@@ -24,8 +23,16 @@ from tests.mqtt_support import (
     make_password_file,
     make_tls_files,
 )
-
-StartWorker = Callable[..., Worker]
+from tests.support import (
+    Database,
+    StartWorker,
+    insert_job,
+    run_celery,
+    run_client,
+    run_python,
+    wait_for_job,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -104,13 +111,12 @@ def test_capabilities_idle_count_and_heartbeat(
         )
     ]
     assert counts[0] == 2 and 0 in counts and counts[-1] == 2
-    # And an unchanged worker repeats itself every MQTT_HEARTBEAT_INTERVAL (1 s)
+    # And an unchanged worker repeats itself every MQTT_HEARTBEAT_INTERVAL (1 s): four beats
     start = len(subscriber.on(topic))
-    time.sleep(3.6)
+    subscriber.wait_for(lambda ms: sum(1 for m in ms if m.topic == topic) >= start + 4, timeout=15)
     beats = subscriber.on(topic)[start:]
-    assert 2 <= len(beats) <= 5, [b.at for b in beats]
     gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(beats)]
-    assert all(0.6 < gap < 1.6 for gap in gaps), gaps
+    assert len(gaps) >= 3 and all(0.6 < gap < 1.6 for gap in gaps), gaps
     subscriber.close()
 
 
@@ -142,11 +148,10 @@ def test_job_events_processing_then_completed_or_error(
     subscriber.close()
 
 
-def retained(topic: str, port: int = 1883, wait: float = 1.0) -> bytes | None:
+def retained(topic: str, port: int = 1883) -> bytes | None:
     """The retained payload of ``topic`` now (None when there is none)."""
     subscriber = Subscriber(topic, port)
-    time.sleep(wait)
-    found = [m.payload for m in subscriber.messages if m.retain]
+    found = [m.payload for m in subscriber.settle() if m.retain]
     subscriber.close()
     return found[-1] if found else None
 
@@ -173,9 +178,7 @@ def test_sigterm_clears_and_sigkill_is_cleared_by_the_will(
     wait_announced(topic2)
     assert retained(topic2)
     killed.kill()
-    deadline = time.monotonic() + 40
-    while retained(topic2, wait=0.5) is not None:
-        assert time.monotonic() < deadline, "the Last Will did not clear the retained message"
+    wait_until(lambda: retained(topic2) is None, 40, "the Last Will cleared the retained message")
 
 
 def test_broker_down_at_start_then_started_and_restarted(
@@ -239,10 +242,7 @@ def test_username_and_password(
     )
     insert_job(server_dir / "media_store.db", "bad-auth-job", "ledger_echo", {"ledger_path": "l.txt"})
     assert wait_for_job(server_dir / "media_store.db", "bad-auth-job")["status"] == "completed"
-    deadline = time.monotonic() + 20
-    while "refused the connection" not in wrong.text():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wrong.wait_for_log("refused the connection", timeout=20)
     assert "(check MQTT_USERNAME/MQTT_PASSWORD)" in wrong.text()
     assert "Pw-Wrong-1199" not in wrong.text() and "Pw-Right-7731" not in wrong.text()
 
@@ -294,23 +294,20 @@ def test_noop_makes_no_connection(
 
     threading.Thread(target=accept, daemon=True).start()
     env = {**mqtt_env, "BROADCAST_TYPE": "noop", "MQTT_PORT": str(port)}
-    start_worker(env, "-Q", "ledger_echo", "-c", "1")
+    worker = start_worker(env, "-Q", "ledger_echo", "-c", "1")
     insert_job(server_dir / "media_store.db", "quiet", "ledger_echo", {"ledger_path": "l.txt", "steps": 2})
     assert wait_for_job(server_dir / "media_store.db", "quiet")["status"] == "completed"
-    time.sleep(1)
-    stop.set()
-    listener.close()
-    assert accepted == []
+    worker.wait_for_log("succeeded in")  # the task has returned: its job events would be sent
+    # Then the only connection the listener got is the test's own (which shows it counts)
+    with socket.create_connection(("127.0.0.1", port)) as own:
+        wait_until(lambda: accepted, 10, "the listener accepted the test's own connection")
+        stop.set()
+        listener.close()
+        assert [address for _, address in accepted] == [own.getsockname()]
 
 
 def test_worker_id_must_be_one_topic_level(mqtt_env: dict[str, str], tmp_path: Path) -> None:
-    result = subprocess.run(
-        [PYTHON, "-m", "celery", "-A", "cl_tasks", "worker", "-Q", "ledger_echo"],
-        env={**mqtt_env, "WORKER_ID": "site/worker-1"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_celery({**mqtt_env, "WORKER_ID": "site/worker-1"}, "worker", "-Q", "ledger_echo", timeout=60)
     assert result.returncode != 0
     assert "WORKER_ID='site/worker-1' must be one MQTT topic level" in result.stderr
 
@@ -320,26 +317,15 @@ def test_cleanup_mqtt_clears_exactly_the_matching_retained_topics(prefix: str) -
         subprocess.run(
             ["mosquitto_pub", "-h", "127.0.0.1", "-t", topic, "-m", "here", "-r", "-q", "1"], check=True
         )
-    result = subprocess.run(
-        [PYTHON, "-m", "cl_tasks.cli", "cleanup-mqtt", f"{prefix}/workers/#", "127.0.0.1", "1883"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_python(
+        None, "-m", "cl_tasks.cli", "cleanup-mqtt", f"{prefix}/workers/#", "127.0.0.1", "1883"
     )
     assert result.returncode == 0, result.stderr
     assert f"cleared {prefix}/workers/a" in result.stdout and f"cleared {prefix}/workers/b/c" in result.stdout
     assert "2 retained message(s) cleared" in result.stdout
     assert retained(f"{prefix}/workers/#") is None
     assert retained(f"{prefix}/keep/x") == b"here"
-    legacy = subprocess.run(
-        [PYTHON, "cleanup_mqtt.py", f"{prefix}/keep/#"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parent.parent,
-    )
+    legacy = run_python(None, "cleanup_mqtt.py", f"{prefix}/keep/#", cwd=Path(__file__).parent.parent)
     assert "1 retained message(s) cleared" in legacy.stdout, legacy.stderr
 
 
@@ -352,11 +338,6 @@ def test_celery_control_shutdown_clears_the_retained_message(
     wait_announced(topic)
     assert retained(topic)
     node = f"w1@{socket.gethostname()}"
-    subprocess.run(
-        [PYTHON, "-m", "celery", "-A", "cl_tasks", "control", "shutdown", "-d", node, "-t", "3"],
-        env=mqtt_env,
-        capture_output=True,
-        timeout=60,
-    )
+    run_celery(mqtt_env, "control", "shutdown", "-d", node, "-t", "3", timeout=60)
     worker.process.wait(timeout=30)
     assert retained(topic) is None

@@ -17,23 +17,21 @@ import os
 import pickle
 import secrets
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection
 from PIL import Image
 
 from cl_tasks.confinement import LAUNCHER
-from tests.conftest import PYTHON, TEST_MODULES, TEST_VENVS, Worker, run_client, subprocess_env
+from tests import support
 from tests.mqtt_support import PrivateMosquitto, Subscriber, make_password_file
+from tests.support import PYTHON, TEST_MODULES, TEST_VENVS, Worker, count, run_client, wait_dead_letter
 
 MQTT_USER = "cl-security"
 #: Unique per run, so finding it anywhere means it leaked from this run.
@@ -67,7 +65,7 @@ def mosquitto(base: Path) -> Iterator[PrivateMosquitto]:
 def guarded_env(base: Path, mosquitto: PrivateMosquitto) -> dict[str, str]:
     data = base / "guarded"
     database = data / "media_store.db"
-    return subprocess_env(
+    return support.subprocess_env(
         CL_SERVER_DIR=str(data),
         DATABASE_URL=f"sqlite:///{database}",
         CELERY_BROKER_URL=f"sqlite:///{database}?polling_interval=0.5",
@@ -100,14 +98,8 @@ def guarded(base: Path, guarded_env: dict[str, str]) -> Iterator[Worker]:
 def imaging(base: Path) -> Iterator[Worker]:
     data = base / "imaging"
     data.mkdir()
-    Image.new("RGB", (30, 20), (10, 200, 10)).save(data / "good.png")
-    env = subprocess_env(
-        CL_SERVER_DIR=str(data),
-        COMPUTE_MODULES_DIR=str(TEST_MODULES),
-        COMPUTE_VENV_DIR=str(TEST_VENVS),
-        WORKER_POLL_INTERVAL="1",
-        BROADCAST_TYPE="noop",
-    )
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(data / "good.png")  # no jobs table yet: the API's comes after the worker
+    env = support.compute_env(data, BROADCAST_TYPE="noop")
     worker = Worker(env, base / "imaging.log", "-n", "imaging@%h", "-c", "1", "-Q", "image_resize,misbehave")
     worker.wait_ready()
     wait_for_jobs_table(data)
@@ -115,35 +107,17 @@ def imaging(base: Path) -> Iterator[Worker]:
     worker.stop()
 
 
-def wait_for_jobs_table(data: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
-                return
-        assert time.monotonic() < deadline, f"no jobs table in {data}"
-        time.sleep(0.1)
+def wait_for_jobs_table(data: Path) -> None:
+    """The API's migration runs after the worker started (the worker never makes ``jobs``)."""
+    support.wait_until(lambda: (data / "media_store.db").exists(), 60, f"the database in {data}")
+    support.make_api_database(data / "media_store.db")
 
 
 def run_row(data: Path, task_type: str, params: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """INSERT a queued row as the API service does; wait until it ends; return it."""
-    job_id = f"sec-{uuid.uuid4().hex[:10]}"
-    conn = sqlite3.connect(data / "media_store.db", timeout=60, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    try:
-        conn.execute(
-            "INSERT INTO jobs (job_id, task_type, params, status, created_at) VALUES (?, ?, ?, 'queued', ?)",
-            (job_id, task_type, json.dumps(params), int(time.time() * 1000)),
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row["status"] in ("completed", "error"):
-                return dict(row)
-            time.sleep(0.05)
-    finally:
-        conn.close()
-    raise AssertionError(f"job {job_id} ({task_type}, {params}) did not end")
+    return support.run_job(
+        data / "media_store.db", f"sec-{uuid.uuid4().hex[:10]}", task_type, params, timeout
+    )
 
 
 def error_of(data: Path, task_type: str, params: dict[str, Any]) -> str:
@@ -173,34 +147,17 @@ def test_a_pickled_task_message_is_dead_lettered_not_run(base: Path, guarded: Wo
     body = pickle.dumps(((CreatesFile(marker),), {"ledger_path": "pickle.txt"}, {}))
     headers = {"lang": "py", "task": "ledger_echo", "id": job_id, "argsrepr": "()", "kwargsrepr": "{}"}
     # When it is published into the worker's queue
-    with Connection(f"sqlite:///{data / 'media_store.db'}") as conn:
-        conn.Producer().publish(
-            body,
-            routing_key="ledger_echo",
-            content_type="application/x-python-serialize",
-            content_encoding="binary",
-            headers=headers,
-        )
+    support.publish_raw(data / "media_store.db", body, headers, "application/x-python-serialize", "binary")
     # Then it is dead-lettered with the reason, and never unpickled nor run
-    reason = wait_dead_letter(data, job_id)
+    reason = wait_dead_letter(data / "media_store.db", job_id)
     assert "ContentDisallowed" in reason and "pickle" in reason, reason
     assert not marker.exists()
-    with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
-        assert conn.execute("SELECT count(*) FROM jobs WHERE job_id = ?", (job_id,)).fetchone() == (0,)
+    assert (
+        count(data / "media_store.db", "SELECT count(*) FROM jobs WHERE job_id = :job", {"job": job_id}) == 0
+    )
     assert not (data / "pickle.txt").exists()
     # And the worker still serves
     assert run_row(data, "ledger_echo", {"ledger_path": "after-pickle.txt"})["status"] == "completed"
-
-
-def wait_dead_letter(data: Path, marker: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
-            for payload, reason in conn.execute("SELECT payload, reason FROM kombu_dead_letter"):
-                if marker in payload:
-                    return str(reason)
-        time.sleep(0.05)
-    raise AssertionError(f"message {marker} was not dead-lettered")
 
 
 def test_the_client_refuses_to_send_pickle(base: Path, guarded: Worker, guarded_env: dict[str, str]) -> None:
@@ -218,13 +175,9 @@ for send in (lambda: app.send_task("ledger_echo", kwargs=params, serializer="pic
     lines = run_client(guarded_env, script).splitlines()
     assert len(lines) == 2 and all(line.startswith("refused") for line in lines), lines
     assert "serializer 'pickle' is refused; only ['application/json'] crosses the broker" in lines[0]
-    with sqlite3.connect(base / "guarded" / "media_store.db", timeout=60) as conn:
-        assert conn.execute("SELECT count(*) FROM jobs WHERE params LIKE '%client-pickle%'").fetchone() == (
-            0,
-        )
-        assert conn.execute(
-            "SELECT count(*) FROM kombu_message WHERE payload LIKE '%python-serialize%'"
-        ).fetchone() == (0,)
+    database = base / "guarded" / "media_store.db"
+    assert count(database, "SELECT count(*) FROM jobs WHERE params LIKE '%client-pickle%'") == 0
+    assert count(database, "SELECT count(*) FROM kombu_message WHERE payload LIKE '%python-serialize%'") == 0
 
 
 # -- B2. jobs stay inside CL_SERVER_DIR -------------------------------------------
@@ -425,25 +378,8 @@ def test_mqtt_credentials_never_show(
         subscriber.close()
     run_row(base / "guarded", "misbehave", {"mode": "env"})  # a warm runner to look at
     # When an operator dumps the worker's configuration
-    conf = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "celery",
-            "-A",
-            "cl_tasks",
-            "inspect",
-            "conf",
-            "-t",
-            "10",
-            "-d",
-            f"guarded@{socket.gethostname()}",
-        ],
-        env=guarded_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    node = f"guarded@{socket.gethostname()}"
+    conf = support.run_celery(guarded_env, "inspect", "conf", "-t", "10", "-d", node)
     # Then the configuration is there, without the password
     assert "accept_content" in conf.stdout, conf.stdout + conf.stderr
     assert MQTT_PASSWORD not in conf.stdout + conf.stderr

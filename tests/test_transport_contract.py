@@ -7,7 +7,6 @@ both: the contract is AMQP's as kombu exposes it, not ours.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,18 +15,15 @@ import pytest
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.message import Message
 
+from tests.support import drain_until, poll
+
 Names = Callable[[str], str]
 Connect = Callable[[], Connection]
 
 
 def get_one(queue: Queue, *, no_ack: bool = False, timeout: float = 3.0) -> Message | None:
     """basic_get until a message comes or ``timeout`` passes (RabbitMQ routes asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        message = queue.get(no_ack=no_ack)
-        if message is not None or time.monotonic() > deadline:
-            return message
-        time.sleep(0.02)
+    return poll(lambda: queue.get(no_ack=no_ack), timeout, every=0.02)
 
 
 def drain(queue: Queue, *, expect: int, timeout: float = 3.0) -> list[Any]:
@@ -39,6 +35,24 @@ def drain(queue: Queue, *, expect: int, timeout: float = 3.0) -> list[Any]:
         bodies.append(message.payload)
         message.ack()
     return bodies
+
+
+def assert_redelivered(queue: Queue, body: Any) -> None:
+    """The next message of ``queue`` is ``body`` again, marked redelivered; it is acked."""
+    again = get_one(queue)
+    assert again is not None and again.payload == body
+    assert again.delivery_info["redelivered"] is True
+    again.ack()
+
+
+def ready_count(queue: Queue, expect: int) -> int:
+    """Messages ready in ``queue``, once there are ``expect`` (or 3 s passed)."""
+
+    def ready() -> int:
+        return int(queue.queue_declare(passive=True).message_count)
+
+    poll(lambda: ready() >= expect, 3, every=0.02)
+    return ready()
 
 
 def declared(conn: Connection, queue: Queue) -> Queue:
@@ -57,21 +71,20 @@ def test_publish_consume_ack(connect: Connect, unique: Names) -> None:
     exchange = Exchange(unique("ex"), "direct")
     queue = Queue(unique("q"), exchange, "k")
     conn = connect()
-    bound = declared(conn, queue)
+    declared(conn, queue)
     for n in range(3):
         publish(conn, {"n": n}, exchange, "k")
     # When a consumer drains them through drain_events and acks
     received: list[Any] = []
     with conn.Consumer([queue], callbacks=[lambda body, msg: (received.append(body), msg.ack())]):
-        deadline = time.monotonic() + 5
-        while len(received) < 3 and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=1)
-    # Then they arrive in order and, acked, are gone for everyone
+        drain_until(conn, lambda: len(received) >= 3)
+    # Then they arrive in order and, acked, are gone for everyone: even once the consumer's
+    # connection is closed (which would return unacked ones)
     assert received == [{"n": 0}, {"n": 1}, {"n": 2}]
-    time.sleep(0.2)
-    assert get_one(declared(connect(), queue), timeout=0.3) is None
-    bound.delete()
+    conn.release()
+    fresh = declared(connect(), queue)
+    assert get_one(fresh, timeout=0.3) is None
+    fresh.delete()
 
 
 def test_unacked_message_returns_when_the_connection_closes(connect: Connect, unique: Names) -> None:
@@ -84,10 +97,7 @@ def test_unacked_message_returns_when_the_connection_closes(connect: Connect, un
     # When the consumer goes away without acking
     first.release()
     # Then the message is delivered again, marked redelivered
-    again = get_one(declared(connect(), queue))
-    assert again is not None and again.payload == "keep me"
-    assert again.delivery_info["redelivered"] is True
-    again.ack()
+    assert_redelivered(declared(connect(), queue), "keep me")
 
 
 def test_reject_with_requeue_redelivers(connect: Connect, unique: Names) -> None:
@@ -98,10 +108,7 @@ def test_reject_with_requeue_redelivers(connect: Connect, unique: Names) -> None
     message = get_one(bound)
     assert message is not None
     message.reject(requeue=True)
-    again = get_one(bound)
-    assert again is not None and again.payload == "again"
-    assert again.delivery_info["redelivered"] is True
-    again.ack()
+    assert_redelivered(bound, "again")
 
 
 def test_reject_without_requeue_removes(connect: Connect, unique: Names) -> None:
@@ -123,10 +130,7 @@ def test_purge_and_size(connect: Connect, unique: Names) -> None:
     bound = declared(conn, queue)
     for n in range(5):
         publish(conn, n, queue.exchange, "k")
-    deadline = time.monotonic() + 3
-    while bound.queue_declare(passive=True).message_count < 5 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert bound.queue_declare(passive=True).message_count == 5
+    assert ready_count(bound, 5) == 5
     assert bound.purge() == 5
     assert bound.queue_declare(passive=True).message_count == 0
     assert get_one(bound, timeout=0.3) is None
@@ -182,18 +186,23 @@ def test_priorities_high_first_fifo_within(connect: Connect, unique: Names) -> N
     bound = declared(conn, queue)
     for body, priority in [("low-1", 1), ("high-1", 9), ("mid", 5), ("low-2", 1), ("high-2", 9), ("zero", 0)]:
         publish(conn, body, exchange, "k", priority=priority)
-    time.sleep(0.3)
+    assert ready_count(bound, 6) == 6  # all routed before the first get
     assert drain(bound, expect=6) == ["high-1", "high-2", "mid", "low-1", "low-2", "zero"]
 
 
 def test_queue_message_ttl(connect: Connect, unique: Names) -> None:
+    # Given a queue whose messages live 300 ms, and beside it one without a TTL
     exchange = Exchange(unique("ttl"), "direct")
     queue = Queue(unique("q"), exchange, "k", queue_arguments={"x-message-ttl": 300})
+    control = Queue(unique("control"), exchange, "k")
     conn = connect()
-    bound = declared(conn, queue)
+    bound, bound_control = declared(conn, queue), declared(conn, control)
+    # When a message routed to both is older than the TTL
     publish(conn, "short-lived", exchange, "k")
-    time.sleep(0.8)
+    time.sleep(0.8)  # the scenario: the message outlives the TTL
+    # Then it is gone from the TTL queue, and still in the other
     assert get_one(bound, timeout=0.3) is None
+    assert drain(bound_control, expect=1) == ["short-lived"]
 
 
 def test_per_message_expiration(connect: Connect, unique: Names) -> None:
@@ -203,20 +212,25 @@ def test_per_message_expiration(connect: Connect, unique: Names) -> None:
     bound = declared(conn, queue)
     publish(conn, "expires", exchange, "k", expiration=0.3)
     publish(conn, "stays", exchange, "k")
-    time.sleep(0.8)
+    time.sleep(0.8)  # the scenario: "expires" outlives its expiration
     assert drain(bound, expect=1) == ["stays"]
 
 
 def test_queue_expiry_removes_unused_queue(connect: Connect, unique: Names) -> None:
+    # Given a queue that expires after 1 s unused, and beside it one that does not expire
     queue = Queue(
         unique("expiring"), Exchange(unique("ex"), "direct"), "k", queue_arguments={"x-expires": 1000}
     )
+    control = Queue(unique("control"), queue.exchange, "k")
     conn = connect()
     declared(conn, queue)
+    declared(conn, control)
     publish(conn, "lost with the queue", queue.exchange, "k")
-    time.sleep(2.5)
+    time.sleep(2.5)  # the scenario: unused for longer than its expiry
+    # Then the expiring queue is gone, and the other is still there with its message
     with pytest.raises(conn.channel_errors):
         queue(connect().channel()).queue_declare(passive=True)
+    assert ready_count(control(connect().channel()), 1) == 1
 
 
 def test_bindings_are_shared_between_connections(connect: Connect, unique: Names) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kombu import Connection, Exchange, Producer, Queue
 
-from tests.conftest import PYTHON, subprocess_env
+from tests.support import PYTHON, subprocess_env, wait_until
 
 
 def start_consumer(url: str, queue: str, out: Path, *mode: str) -> subprocess.Popen[bytes]:
@@ -29,12 +29,7 @@ def fill(url: str, queue_name: str, bodies: list[str]) -> None:
 
 
 def wait_for_file(path: Path, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} was not written within {timeout}s")
+    return wait_until(lambda: path.exists() and path.read_text(), timeout, f"{path} was written")
 
 
 def test_four_consumers_drain_5000_messages_exactly_once(sqlite_url: str, tmp_path: Path) -> None:
@@ -74,14 +69,16 @@ def test_messages_of_a_killed_consumer_return_after_the_visibility_timeout(
         assert bound.get() is None
         # …and another consumer receives all of them once it has run out
         got: list[str] = []
-        while len(got) < 3 and time.monotonic() - killed_at < 20:
+
+        def take_one() -> bool:
             message = bound.get()
-            if message is None:
-                time.sleep(0.1)
-                continue
-            assert message.delivery_info["redelivered"] is True
-            got.append(message.payload)
-            message.ack()
+            if message is not None:
+                assert message.delivery_info["redelivered"] is True
+                got.append(message.payload)
+                message.ack()
+            return len(got) == 3
+
+        wait_until(take_one, 20, "the three messages came back", every=0.1)
     assert sorted(got) == ["a", "b", "c"]
     assert time.monotonic() - killed_at >= 1.0
 
@@ -99,13 +96,13 @@ def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(
     stolen = []
     with Connection(url) as conn:
         bound = queue(conn.channel())
-        # When another consumer keeps trying to take them meanwhile
+        # When another consumer keeps trying to take them meanwhile (every 0.1 s, until it ends)
         while worker.poll() is None:
             message = bound.get()
             if message is not None:
                 stolen.append(message.payload)
                 message.ack()
-            time.sleep(0.1)
+            time.sleep(0.1)  # the scenario: a try every 0.1 s
     # Then it never gets them: the live worker extended its leases, then acked
     assert worker.returncode == 0
     assert out.read_text() == "claimed\nacked\n"

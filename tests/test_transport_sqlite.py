@@ -19,21 +19,35 @@ from pathlib import Path
 import pytest
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 
-from tests.conftest import PYTHON, subprocess_env
-from transports.sqlite import ACK_WAIT, Options, Transport
+from tests.support import PYTHON, WAL_BOUND, count, drain_until, query, sqlite_broker_path, subprocess_env
+from transports.sqlite import ACK_WAIT, Channel, Options, Transport
 from transports.store import DatabaseUnavailable, Store
 
 EXCHANGE = Exchange("tasks", "direct")
 QUEUE = Queue("work", EXCHANGE, "work")
+#: Seconds from a commit in another process to the consumer's wake-up, at most (the fallback
+#: poll is 60 s away, the drain's timeout 30 s).
+WAKE_BOUND = 5.0
 
 
 def db_path(url: str) -> Path:
-    return Path(url.split("sqlite:///", 1)[1].split("?", 1)[0])
+    path = sqlite_broker_path(url)
+    assert path is not None, url
+    return path
 
 
-def rows(url: str, query: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(db_path(url)) as conn:
-        return conn.execute(query).fetchall()
+def stored(url: str) -> int:
+    """Messages in the broker table, taken or not."""
+    return count(db_path(url), "SELECT count(*) FROM kombu_message")
+
+
+def drain_queue(bound: Queue) -> list[object]:
+    """Get and ack every message of ``bound`` until it is empty; their payloads."""
+    bodies = []
+    while (message := bound.get()) is not None:
+        bodies.append(message.payload)
+        message.ack()
+    return bodies
 
 
 def publish(conn: Connection, *bodies: object, **kwargs: object) -> None:
@@ -52,18 +66,14 @@ def test_stored_payload_that_is_not_a_message_is_dead_lettered(sqlite_url: str) 
             )
         publish(conn, "after")
         # When a consumer drains the queue
-        bound = QUEUE(conn.channel())
-        bodies = []
-        while (message := bound.get()) is not None:
-            bodies.append(message.payload)
-            message.ack()
+        bodies = drain_queue(QUEUE(conn.channel()))
     # Then the good ones arrive and the garbage sits in the dead-letter table with a reason
     assert bodies == ["before", "after"]
-    dead = rows(sqlite_url, "SELECT queue, payload, reason FROM kombu_dead_letter")
+    dead = query(db_path(sqlite_url), "SELECT queue, payload, reason FROM kombu_dead_letter")
     assert len(dead) == 1
-    assert dead[0][0] == "work" and dead[0][1] == "{not json"
-    assert "not a message" in str(dead[0][2])
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    assert dead[0]["queue"] == "work" and dead[0]["payload"] == "{not json"
+    assert "not a message" in str(dead[0]["reason"])
+    assert stored(sqlite_url) == 0
 
 
 def test_body_refused_by_the_consumer_is_dead_lettered(sqlite_url: str) -> None:
@@ -85,17 +95,15 @@ def test_body_refused_by_the_consumer_is_dead_lettered(sqlite_url: str) -> None:
             callbacks=[lambda body, message: (seen.append(body), message.ack())],
             on_decode_error=on_decode_error,
         ):
-            deadline = time.monotonic() + 5
-            while not seen and time.monotonic() < deadline:
-                conn.drain_events(timeout=1)
+            drain_until(conn, lambda: bool(seen))
     # Then the pickle never reaches the callback, the JSON one does, the pickle is kept
     assert seen == [{"good": "json"}]
     assert len(errors) == 1
-    dead = rows(sqlite_url, "SELECT reason, payload FROM kombu_dead_letter")
+    dead = query(db_path(sqlite_url), "SELECT reason, payload FROM kombu_dead_letter")
     assert len(dead) == 1
-    assert "cannot decode body" in str(dead[0][0])
-    assert json.loads(str(dead[0][1]))["content-type"] == "application/x-python-serialize"
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    assert "cannot decode body" in str(dead[0]["reason"])
+    assert json.loads(dead[0]["payload"])["content-type"] == "application/x-python-serialize"
+    assert stored(sqlite_url) == 0
 
 
 def test_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
@@ -194,7 +202,9 @@ def test_broker_tables_sit_beside_the_api_tables_without_touching_them(tmp_path:
 def test_table_prefix_option(sqlite_url: str) -> None:
     with Connection(sqlite_url, transport_options={"table_prefix": "broker_"}) as conn:
         publish(conn, "x")
-    names = {name for (name,) in rows(sqlite_url, "SELECT name FROM sqlite_master WHERE type='table'")}
+    names = {
+        row["name"] for row in query(db_path(sqlite_url), "SELECT name FROM sqlite_master WHERE type='table'")
+    }
     assert "broker_message" in names and "kombu_message" not in names
 
 
@@ -203,7 +213,7 @@ def test_no_ack_get_deletes_on_delivery(sqlite_url: str) -> None:
         publish(conn, "gone once read")
         message = QUEUE(conn.channel()).get(no_ack=True)
         assert message is not None and message.payload == "gone once read"
-        assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+        assert stored(sqlite_url) == 0
 
 
 def test_no_ack_consumer_deletes_on_delivery(sqlite_url: str) -> None:
@@ -211,10 +221,9 @@ def test_no_ack_consumer_deletes_on_delivery(sqlite_url: str) -> None:
         publish(conn, 1, 2, 3)
         seen: list[object] = []
         with Consumer(conn, [QUEUE], no_ack=True, callbacks=[lambda body, _: seen.append(body)]):
-            while len(seen) < 3:
-                conn.drain_events(timeout=2)
+            drain_until(conn, lambda: len(seen) >= 3)
         assert seen == [1, 2, 3]
-        assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+        assert stored(sqlite_url) == 0
 
 
 def test_a_commit_in_another_process_wakes_the_consumer_without_polling(sqlite_url: str) -> None:
@@ -226,21 +235,24 @@ def test_a_commit_in_another_process_wakes_the_consumer_without_polling(sqlite_u
         with Consumer(conn, [QUEUE], callbacks=[lambda body, m: (seen.append(body), m.ack())]):
             conn.drain_events(timeout=5)
             assert seen == ["prime"]
-            # When another process publishes while the consumer sleeps
+            # When another process publishes while the consumer sleeps (the child's own
+            # sleep is the scenario: the consumer is already waiting when the commit comes)
             script = (
                 "import time, transports; from kombu import Connection, Exchange\n"
                 "time.sleep(0.5)\n"
                 f"with Connection({url!r}) as c:\n"
+                "    print(time.time(), flush=True)\n"
                 "    c.Producer().publish('woken', exchange=Exchange('tasks','direct'), routing_key='work')\n"
             )
-            child = subprocess.Popen([PYTHON, "-c", script], env=subprocess_env())
-            started = time.monotonic()
+            child = subprocess.Popen(
+                [PYTHON, "-c", script], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+            )
             conn.drain_events(timeout=30)
-            waited = time.monotonic() - started
-            child.wait(timeout=30)
+            woken_at = time.time()
+            publishing_at = float(child.communicate(timeout=30)[0])
     # Then it is woken by the commit, long before any poll could have found it
     assert seen == ["prime", "woken"]
-    assert waited < 30
+    assert woken_at - publishing_at < WAKE_BOUND, woken_at - publishing_at
 
 
 def test_a_message_no_binding_routes_is_dropped_without_a_write(sqlite_url: str) -> None:
@@ -258,7 +270,7 @@ def test_a_message_no_binding_routes_is_dropped_without_a_write(sqlite_url: str)
         assert observer.execute("PRAGMA data_version").fetchone() == version
         assert channel.routes("celeryev", "worker.heartbeat")
         producer.publish({"type": "worker-heartbeat"}, routing_key="worker.heartbeat")
-        assert rows(sqlite_url, "SELECT queue FROM kombu_message") == [("gossip",)]
+        assert query(db_path(sqlite_url), "SELECT queue FROM kombu_message") == [{"queue": "gossip"}]
 
 
 def test_an_empty_claim_writes_nothing(sqlite_url: str) -> None:
@@ -282,12 +294,11 @@ def test_acks_made_while_a_batch_is_delivered_are_one_write(sqlite_url: str) -> 
             channel.basic_qos(0, 8, False)
             store = conn.transport.store
             before = store.local_writes
-            while len(got) < 8:
-                conn.drain_events(timeout=5)
+            drain_until(conn, lambda: len(got) >= 8)
             writes = store.local_writes - before
     assert len(got) == 8
     assert writes == 2, writes  # the claim of the batch and the DELETE of its acks
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    assert stored(sqlite_url) == 0
 
 
 def test_waiting_acks_go_in_the_next_claims_transaction(sqlite_url: str) -> None:
@@ -305,11 +316,32 @@ def test_waiting_acks_go_in_the_next_claims_transaction(sqlite_url: str) -> None
     assert store.local_writes - before == 1
     assert acked == 3  # only our own rows: the other consumer's lease is untouched
     assert [m.payload["body"] for m in claimed] == [4]  # type: ignore[index]
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(2,)]
+    assert stored(sqlite_url) == 2
 
 
 def held(url: str) -> int:
-    return int(rows(url, "SELECT count(*) FROM kombu_message WHERE lease_owner IS NOT NULL")[0][0])
+    return count(db_path(url), "SELECT count(*) FROM kombu_message WHERE lease_owner IS NOT NULL")
+
+
+class UpkeepSwitch:
+    """Wraps a channel's lease-keeper upkeep so that a test can stop it (made before the
+    channel registers with the keeper, so every run of it goes through the switch)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._upkeep = channel.upkeep
+        channel.upkeep = self._run
+
+    def _run(self, now: float) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._upkeep(now)
+
+    def stop(self) -> None:
+        """Stop it; returns once a run under way has ended."""
+        with self._lock:
+            self._stopped = True
 
 
 @contextlib.contextmanager
@@ -319,12 +351,13 @@ def holding_eight_of_twenty(url: str) -> Iterator[tuple[Connection, list[Message
         publish(conn, *(f"m{n}" for n in range(20)))
         got: list[Message] = []
         channel = conn.channel()
+        upkeep = UpkeepSwitch(channel)
         with Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)]):
             channel.basic_qos(0, 8, False)
             conn.drain_events(timeout=5)
             # The lease keeper's own upkeep (lease extension, queue touch) would blur write counts
             channel.connection.keeper.unregister(channel)
-            time.sleep(0.1)  # an upkeep already under way ends
+            upkeep.stop()
             assert (len(got), held(url)) == (8, 8)
             yield conn, got
 
@@ -358,7 +391,7 @@ def test_event_loop_acks_go_with_the_next_claim_or_alone_after_ack_wait(sqlite_u
         transport._flush_acks()
         assert held(sqlite_url) == 8
         # Then, ACK_WAIT later, the next tick deletes them on their own
-        time.sleep(ACK_WAIT)
+        time.sleep(ACK_WAIT)  # the scenario: the acks have waited their time
         transport._flush_acks()
         assert held(sqlite_url) == 6
         # When two more are acked (half the window free), the tick claims four more
@@ -369,7 +402,7 @@ def test_event_loop_acks_go_with_the_next_claim_or_alone_after_ack_wait(sqlite_u
         transport._flush_acks()
         assert store.local_writes - before == 1
         assert (len(got), held(sqlite_url)) == (12, 8)
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(16,)]
+    assert stored(sqlite_url) == 16
 
 
 def test_ack_from_another_thread(sqlite_url: str) -> None:
@@ -380,7 +413,7 @@ def test_ack_from_another_thread(sqlite_url: str) -> None:
         worker = threading.Thread(target=message.ack)
         worker.start()
         worker.join()
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    assert stored(sqlite_url) == 0
 
 
 def test_connection_used_before_fork_works_in_the_child(sqlite_url: str) -> None:
@@ -388,17 +421,15 @@ def test_connection_used_before_fork_works_in_the_child(sqlite_url: str) -> None
         publish(conn, "from parent")
         pid = os.fork()
         if pid == 0:  # the child publishes through the inherited kombu connection
+            code = 1  # what the child exits with unless the publish returns
             try:
                 publish(conn, "from child")
+                code = 0
             finally:
-                os._exit(0)
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
-        assert status == 0
-        bound = QUEUE(conn.channel())
-        bodies = []
-        while (message := bound.get()) is not None:
-            bodies.append(message.payload)
-            message.ack()
+        assert os.waitstatus_to_exitcode(status) == 0
+        bodies = drain_queue(QUEUE(conn.channel()))
     assert bodies == ["from parent", "from child"]
 
 
@@ -427,15 +458,11 @@ def test_sweep_removes_expired_messages_and_queues(sqlite_url: str) -> None:
     store.bind("departed", "ex", "k")
     store.put("", "short", {"properties": {}}, priority=0, expires_at=None)
     store.put("", "departed", {"properties": {}}, priority=0, expires_at=None)
-    time.sleep(0.2)
+    time.sleep(0.2)  # the scenario: past the message TTL and the queue expiry (0.05 s)
     store.sweep(dead_letter_retention=3600)
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
-    assert rows(sqlite_url, "SELECT name FROM kombu_queue") == [("short",)]
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_binding") == [(0,)]
-
-
-#: The documented bound of the ``-wal`` file (wal_size_limit + one auto-checkpoint of slack).
-WAL_BOUND = 16 * 1024 * 1024
+    assert stored(sqlite_url) == 0
+    assert query(db_path(sqlite_url), "SELECT name FROM kombu_queue") == [{"name": "short"}]
+    assert count(db_path(sqlite_url), "SELECT count(*) FROM kombu_binding") == 0
 
 
 def test_wal_stays_bounded_through_20000_messages(sqlite_url: str) -> None:
@@ -458,16 +485,17 @@ def test_wal_stays_bounded_through_20000_messages(sqlite_url: str) -> None:
             message.ack()  # type: ignore[attr-defined]
             acked.append(body["n"])
 
+        def all_acked() -> bool:
+            nonlocal largest
+            largest = max(largest, wal.stat().st_size)
+            return len(acked) >= 20000
+
         with Consumer(conn, [QUEUE], prefetch_count=50, callbacks=[on_message]):
-            deadline = time.monotonic() + 240
-            while len(acked) < 20000 and time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    conn.drain_events(timeout=5)
-                largest = max(largest, wal.stat().st_size)
+            drain_until(conn, all_acked, timeout=240)
         child.wait(timeout=60)
     # Then every message went through once and the WAL never outgrew the bound
     assert sorted(acked) == list(range(20000))
-    assert rows(sqlite_url, "SELECT count(*) FROM kombu_message") == [(0,)]
+    assert stored(sqlite_url) == 0
     print(f"largest -wal: {largest} bytes")
     assert largest < WAL_BOUND, f"-wal grew to {largest} bytes"
     assert wal.stat().st_size < WAL_BOUND

@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import count, ledger_runs, query, statuses, wait_until
-from tests.conftest import PYTHON, Worker, insert_job, run_client
+from tests.support import (
+    PYTHON,
+    StartWorker,
+    broker_left,
+    insert_job,
+    ledger_runs,
+    query,
+    run_client,
+    statuses,
+    wait_until,
+)
 
 pytestmark = pytest.mark.chaos
-
-StartWorker = Callable[..., Worker]
 
 TASK = "ledger_echo"
 #: Seconds the other process holds the write lock (well under busy_timeout, 60 s).
@@ -28,7 +34,7 @@ import sqlite3, sys, time
 conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
 conn.execute("BEGIN IMMEDIATE")
 print("locked", time.time(), flush=True)
-time.sleep({LOCK_SECONDS})
+time.sleep({LOCK_SECONDS})  # the scenario: the write lock held this long
 conn.execute("COMMIT")
 print("released", time.time(), flush=True)
 """
@@ -62,7 +68,7 @@ def test_workers_wait_out_a_held_write_lock_and_carry_on(
     assert locker.stdout is not None
     assert locker.stdout.readline().startswith("locked")
     running = {
-        str(job_id) for (job_id,) in query(database, "SELECT job_id FROM jobs WHERE status = 'processing'")
+        row["job_id"] for row in query(database, "SELECT job_id FROM jobs WHERE status = 'processing'")
     }
     # And meanwhile the API inserts rows and a Celery client submits jobs (both wait for the lock)
     inserter = threading.Thread(
@@ -83,8 +89,8 @@ def test_workers_wait_out_a_held_write_lock_and_carry_on(
         lambda: statuses(database)["completed"] + statuses(database)["error"] == 18, 120, "every job ended"
     )
     rows = query(database, "SELECT job_id, status, error_message FROM jobs")
-    assert {str(job_id) for job_id, *_ in rows} == job_ids
-    assert [row for row in rows if row[1] != "completed" or row[2] is not None] == []
+    assert {row["job_id"] for row in rows} == job_ids
+    assert [row for row in rows if row["status"] != "completed" or row["error_message"] is not None] == []
     runs = ledger_runs(server_dir / "ledger.txt")
     assert set(runs) == job_ids and max(runs.values()) == 1, runs
     # And the jobs that were running when the lock was taken were among them
@@ -94,8 +100,4 @@ def test_workers_wait_out_a_held_write_lock_and_carry_on(
     log = worker.text()
     assert "database is locked" not in log
     assert [line for line in log.splitlines() if "ERROR/" in line or "CRITICAL/" in line] == []
-    wait_until(
-        lambda: count(database, "SELECT count(*) FROM kombu_message WHERE queue = ?", TASK) == 0,
-        30,
-        "every message acked",
-    )
+    wait_until(lambda: broker_left(database, TASK) == 0, 30, "every message acked")

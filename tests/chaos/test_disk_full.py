@@ -9,34 +9,14 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import (
-    broker_left,
-    count,
-    freeze,
-    ledger_runs,
-    query,
-    statuses,
-    thaw,
-    wait_until,
-)
-from tests.conftest import (
-    TEST_MODULES,
-    TEST_VENVS,
-    Worker,
-    insert_job,
-    make_api_database,
-    run_client,
-    subprocess_env,
-)
+from tests import support
 
 pytestmark = pytest.mark.chaos
-
-StartWorker = Callable[..., Worker]
 
 TASK = "ledger_echo"
 #: Size of the database's filesystem.
@@ -104,14 +84,14 @@ def checkpoint(database: Path) -> bool:
         conn.close()
 
 
-def freeze_quiet(worker: Worker, database: Path) -> None:
+def freeze_quiet(worker: support.LoggedProcess, database: Path) -> None:
     """Freeze ``worker`` at a moment it holds no lock and no read snapshot of the database."""
     for _ in range(100):
-        freeze(worker)
+        worker.freeze()
         if checkpoint(database):
             return
-        thaw(worker)
-        time.sleep(0.05)
+        worker.thaw()
+        time.sleep(0.05)  # let it run a moment before the next try
     raise AssertionError("the worker was never quiet long enough to checkpoint")
 
 
@@ -122,7 +102,7 @@ print(json.dumps([cl_tasks.submit_job("{TASK}", {QUICK!r}).id for _ in range(3)]
 
 
 def test_a_full_disk_loses_nothing_and_the_worker_carries_on_after(
-    small_disk: Path, start_worker: StartWorker
+    small_disk: Path, start_worker: support.StartWorker
 ) -> None:
     """Nothing is lost or wrongly ended while the disk is full; every job completes after.
 
@@ -132,41 +112,38 @@ def test_a_full_disk_loses_nothing_and_the_worker_carries_on_after(
     """
     database = small_disk / "media_store.db"
     ledger = small_disk / "ledger" / "ledger.txt"
-    make_api_database(database)
-    env = subprocess_env(
-        CL_SERVER_DIR=str(small_disk),
-        COMPUTE_MODULES_DIR=str(TEST_MODULES),
-        COMPUTE_VENV_DIR=str(TEST_VENVS),
+    support.make_api_database(database)
+    env = support.compute_env(
+        small_disk,
         CELERY_BROKER_URL=f"sqlite:///{database}?visibility_timeout=4&polling_interval=0.5",
         JOB_LEASE_SECONDS="3",
-        WORKER_POLL_INTERVAL="1",
         BROADCAST_TYPE="noop",
     )
     worker = start_worker(env, "-Q", TASK, "-c", "3")
     # Given a worker that ran some jobs
     for n in range(4):
-        insert_job(database, f"warm-{n}", TASK, QUICK)
-    wait_until(lambda: statuses(database)["completed"] == 4, 60, "the first jobs completed")
+        support.insert_job(database, f"warm-{n}", TASK, QUICK)
+    support.wait_until(lambda: support.statuses(database)["completed"] == 4, 60, "the first jobs completed")
     # And is running two slow jobs, with a free process
     for n in range(2):
-        insert_job(database, f"running-{n}", TASK, SLOW)
-    wait_until(lambda: statuses(database)["processing"] == 2, 60, "two jobs running")
+        support.insert_job(database, f"running-{n}", TASK, SLOW)
+    support.wait_until(lambda: support.statuses(database)["processing"] == 2, 60, "two jobs running")
     # When, while it is frozen, the API inserts three rows, a client submits three jobs
     # (rows and messages) and the disk fills up
     freeze_quiet(worker, database)
     try:
         for n in range(3):
-            insert_job(database, f"api-{n}", TASK, QUICK)
-        submitted = json.loads(run_client(env, CLIENT))
+            support.insert_job(database, f"api-{n}", TASK, QUICK)
+        submitted = json.loads(support.run_client(env, CLIENT))
         # An empty -wal file: no write can reuse room in it while the disk is full
         assert checkpoint(database)
         filler = fill(small_disk)
     finally:
-        thaw(worker)
+        worker.thaw()
     job_ids = {f"warm-{n}" for n in range(4)} | {"running-0", "running-1"}
     job_ids |= {f"api-{n}" for n in range(3)} | set(submitted)
     assert len(job_ids) == 12
-    time.sleep(FULL_SECONDS)
+    time.sleep(FULL_SECONDS)  # the scenario: the disk stays full this long
     # Then the worker lives on and says what is wrong, where, and what to do
     assert worker.process.poll() is None
     log = worker.text()
@@ -174,26 +151,28 @@ def test_a_full_disk_loses_nothing_and_the_worker_carries_on_after(
     assert "intake of queued jobs waits: cannot write the jobs table" in log
     assert f"SQLite broker: cannot write {database}: the disk is full" in log
     # And no job is marked completed (or error) that did not run to its end
-    assert statuses(database)["error"] == 0
+    assert support.statuses(database)["error"] == 0
     done = {
-        str(job_id) for (job_id,) in query(database, "SELECT job_id FROM jobs WHERE status = 'completed'")
+        row["job_id"] for row in support.query(database, "SELECT job_id FROM jobs WHERE status = 'completed'")
     }
-    assert done <= set(ledger_runs(ledger))
+    assert done <= set(support.ledger_runs(ledger))
     # And when space comes back, every job completes: no row and no message was lost
     filler.unlink()
-    wait_until(
-        lambda: statuses(database)["completed"] + statuses(database)["error"] == 12, 90, "every job ended"
+    support.wait_until(
+        lambda: support.statuses(database)["completed"] + support.statuses(database)["error"] == 12,
+        90,
+        "every job ended",
     )
-    rows = query(database, "SELECT job_id, status, error_message FROM jobs")
-    assert {str(job_id) for job_id, _, _ in rows} == job_ids
-    assert [row for row in rows if row[1] != "completed"] == []
-    runs = ledger_runs(ledger)
+    rows = support.query(database, "SELECT job_id, status, error_message FROM jobs")
+    assert {row["job_id"] for row in rows} == job_ids
+    assert [row for row in rows if row["status"] != "completed"] == []
+    runs = support.ledger_runs(ledger)
     assert set(runs) == job_ids
     twice = {job_id for job_id, n in runs.items() if n > 1}
     assert twice <= {"running-0", "running-1"} and max(runs.values()) <= 2, runs
-    wait_until(lambda: broker_left(database, TASK) == 0, 30, "every message acked")
-    assert count(database, "SELECT count(*) FROM cl_tasks_job_lease") == 0
-    assert count(database, "SELECT count(*) FROM cl_tasks_intake") == 0
-    assert count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
+    support.wait_until(lambda: support.broker_left(database, TASK) == 0, 30, "every message acked")
+    assert support.count(database, "SELECT count(*) FROM cl_tasks_job_lease") == 0
+    assert support.count(database, "SELECT count(*) FROM cl_tasks_intake") == 0
+    assert support.count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
     assert worker.process.poll() is None
     print(f"disk full: ran twice {sorted(twice)}; traceback lines in the log: {log.count('Traceback')}")

@@ -7,29 +7,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import (
-    WAL_BOUND,
-    broker_left,
-    count,
-    freeze,
-    ledger_runs,
-    query,
-    statuses,
-    stop_all,
-    thaw,
-    wait_until,
-)
-from tests.conftest import Worker, insert_job, run_client
+from tests import support
 from tests.mqtt_support import PrivateMosquitto, Subscriber
 
 pytestmark = pytest.mark.chaos
-
-StartWorker = Callable[..., Worker]
 
 TASK = "ledger_echo"
 #: Jobs per side: this many rows from the API, as many jobs from a Celery client.
@@ -58,7 +43,7 @@ UNPUBLISHED_API_ROWS = """SELECT count(*) FROM jobs WHERE job_id LIKE 'api-%'
 
 
 def test_1000_jobs_survive_a_killed_worker_and_an_mqtt_restart(
-    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker, mosquitto: PrivateMosquitto
+    server_dir: Path, jobs_env: dict[str, str], start_worker: support.StartWorker, mosquitto: PrivateMosquitto
 ) -> None:
     """Every job ends ``completed`` and its runner ran once, except where a kill forced a rerun.
 
@@ -86,7 +71,7 @@ def test_1000_jobs_survive_a_killed_worker_and_an_mqtt_restart(
     # When 500 rows come from the API and 500 jobs from a Celery client, at once
     inserter = threading.Thread(target=insert_api_rows, args=(database,))
     client_ids: list[str] = []
-    client = threading.Thread(target=lambda: client_ids.extend(json.loads(run_client(env, CLIENT))))
+    client = threading.Thread(target=lambda: client_ids.extend(json.loads(support.run_client(env, CLIENT))))
     inserter.start()
     client.start()
     wal_peak = 0
@@ -96,51 +81,59 @@ def test_1000_jobs_survive_a_killed_worker_and_an_mqtt_restart(
         """Jobs ended so far (sampling the size of the -wal file on the way)."""
         nonlocal wal_peak
         wal_peak = max(wal_peak, wal_size(database))
-        ended = statuses(database)
+        ended = support.statuses(database)
         return ended["completed"] + ended["error"]
 
     # And, mid-run, worker c is killed (its held jobs noted while it is frozen) and restarted
-    wait_until(
-        lambda: progress() >= 200 and not inserter.is_alive() and count(database, UNPUBLISHED_API_ROWS) == 0,
+    support.wait_until(
+        lambda: (
+            progress() >= 200
+            and not inserter.is_alive()
+            and support.count(database, UNPUBLISHED_API_ROWS) == 0
+        ),
         120,
         "200 jobs ended and every API row published",
     )
     victim = workers["c"]
     held = freeze_holding_jobs(victim, database)
-    completed_at_kill = statuses(database)["completed"]
+    completed_at_kill = support.statuses(database)["completed"]
     victim.kill()
     restarted = start_worker(env, "-Q", TASK, "-c", "2", name="c2", ready=False)
     # And the MQTT broker restarts half-way
-    wait_until(lambda: progress() >= PER_SIDE, 120, "half of the jobs ended")
+    support.wait_until(lambda: progress() >= PER_SIDE, 120, "half of the jobs ended")
     mosquitto.stop()
     mosquitto.start()
     events = Subscriber("soak/events", mosquitto.port)
     client.join(timeout=180)
     assert len(client_ids) == PER_SIDE
-    wait_until(lambda: progress() >= 2 * PER_SIDE, 180, "every job ended")
+    support.wait_until(lambda: progress() >= 2 * PER_SIDE, 180, "every job ended")
 
     all_done = time.monotonic() - started
     # Then every job is completed, with the output of its own number
-    rows = query(database, "SELECT job_id, status, params, task_output FROM jobs WHERE task_type = ?", TASK)
+    rows = support.query(
+        database,
+        "SELECT job_id, status, params, task_output FROM jobs WHERE task_type = :task",
+        {"task": TASK},
+    )
     assert len(rows) == 2 * PER_SIDE
-    assert {status for _, status, _, _ in rows} == {"completed"}
-    echoes = {str(job_id): json.loads(str(params))["echo"] for job_id, _, params, _ in rows}
+    assert {row["status"] for row in rows} == {"completed"}
+    echoes = {row["job_id"]: json.loads(row["params"])["echo"] for row in rows}
     assert sorted(echoes.values()) == list(range(2 * PER_SIDE))
-    assert all(json.loads(str(output)) == {"echo": echoes[str(job_id)]} for job_id, _, _, output in rows)
+    assert all(json.loads(row["task_output"]) == {"echo": echoes[row["job_id"]]} for row in rows)
     assert set(client_ids) | {f"api-{n}" for n in range(PER_SIDE)} == set(echoes)
     # And every job's runner ran once; twice only for jobs the killed worker held
-    runs = ledger_runs(ledger)
+    runs = support.ledger_runs(ledger)
     assert set(runs) == set(echoes)
     twice = {job_id for job_id, n in runs.items() if n > 1}
     assert twice <= held, f"ran twice without being held by the killed worker: {twice - held}"
     assert max(runs.values()) <= 2, runs.most_common(3)
     # And nothing is left: no message, no lease, no pending intake, no dead letter
-    wait_until(lambda: broker_left(database, TASK) == 0, 30, "every message acked")
-    assert count(database, "SELECT count(*) FROM cl_tasks_job_lease") == 0
-    assert count(database, "SELECT count(*) FROM cl_tasks_intake") == 0
-    assert count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
+    support.wait_until(lambda: support.broker_left(database, TASK) == 0, 30, "every message acked")
+    assert support.count(database, "SELECT count(*) FROM cl_tasks_job_lease") == 0
+    assert support.count(database, "SELECT count(*) FROM cl_tasks_intake") == 0
+    assert support.count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
     # And the -wal file stayed within its documented bound
-    assert wal_peak < WAL_BOUND, wal_peak
+    assert wal_peak < support.WAL_BOUND, wal_peak
     # And MQTT came back: job events flow, the live workers announced themselves again
     events.wait_for(lambda ms: any(m.json()["event_type"] == "completed" for m in ms), timeout=30)
     events.close()
@@ -152,29 +145,31 @@ def test_1000_jobs_survive_a_killed_worker_and_an_mqtt_restart(
     capabilities.close()
     for name in ("a", "b"):
         assert workers[name].process.poll() is None, f"worker {name} died"
-    stop_all([workers["a"], workers["b"], restarted])
+    support.stop_all([workers["a"], workers["b"], restarted])
     print(
         f"soak: {len(held)} jobs held by the killed worker after {completed_at_kill} completed,"
         f" {len(twice)} ran twice; wal peak {wal_peak} bytes; all done after {all_done:.1f}s"
     )
 
 
-def freeze_holding_jobs(worker: Worker, database: Path, name: str = "c") -> set[str]:
+def freeze_holding_jobs(worker: support.Worker, database: Path, name: str = "c") -> set[str]:
     """Freeze ``worker`` at a moment it holds jobs; returns their ids (its leases)."""
     for _ in range(200):
-        freeze(worker)
-        held = query(database, "SELECT job_id FROM cl_tasks_job_lease WHERE owner LIKE ?", f"{name}@%")
+        worker.freeze()
+        held = support.query(
+            database, "SELECT job_id FROM cl_tasks_job_lease WHERE owner LIKE :owner", {"owner": f"{name}@%"}
+        )
         if held:
-            return {str(job_id) for (job_id,) in held}
-        thaw(worker)
-        time.sleep(0.02)
+            return {row["job_id"] for row in held}
+        worker.thaw()
+        time.sleep(0.02)  # let it run a moment before the next try
     raise AssertionError(f"worker {name} never held a job")
 
 
 def insert_api_rows(database: Path) -> None:
     for n in range(PER_SIDE):
         params = {"ledger_path": "ledger.txt", "echo": n, "seconds": JOB_SECONDS}
-        insert_job(database, f"api-{n}", TASK, params)
+        support.insert_job(database, f"api-{n}", TASK, params)
 
 
 def wal_size(database: Path) -> int:
