@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import socket
@@ -32,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 import transports  # noqa: F401 - registers sqlite://
+from tests import api_schema
 
 T = TypeVar("T")
 
@@ -114,25 +114,24 @@ def port_open(host: str, port: int) -> bool:
 
 # -- the API's database ---------------------------------------------------------------
 
-API_SCHEMA = (
-    # What the cl_server API service creates: jobs (with an extra column) among other tables.
-    """CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL,
-       task_type TEXT NOT NULL, params TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL,
-       progress INTEGER NOT NULL DEFAULT 0, created_at BIGINT, started_at BIGINT,
-       completed_at BIGINT, task_output TEXT, error_message TEXT, retry_count INTEGER DEFAULT 0,
-       max_retries INTEGER DEFAULT 3, created_by TEXT, priority INTEGER DEFAULT 5)""",
+#: The API's other tables, beside ``jobs`` (they must never be touched).
+API_OTHER_TABLES = (
     "CREATE TABLE entities (id INTEGER PRIMARY KEY, label TEXT, file_path TEXT)",
     "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
     "INSERT INTO entities (label, file_path) VALUES ('cat', 'cat.jpg')",
     "INSERT INTO users (name) VALUES ('admin')",
 )
+#: The era of the API's DDL the worker tests run on: B, the exact era-A table plus
+#: ``priority INTEGER NOT NULL`` (the priority tests need the column); the jobs-layer
+#: tests run every era (tests/test_jobstore.py, tests/test_intake.py on era A).
+WORKER_TEST_ERA = "b"
 
 
-def make_api_database(path: Path) -> None:
-    """A media_store.db made the way the API service makes it (WAL, its own tables)."""
+def make_api_database(path: Path, era: str = WORKER_TEST_ERA) -> None:
+    """A media_store.db made the way the API service makes it (WAL, its exact DDL, its tables)."""
+    api_schema.create_sqlite(path, era)
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        for statement in API_SCHEMA:
+        for statement in API_OTHER_TABLES:
             conn.execute(statement)
     conn.close()
 
@@ -152,14 +151,10 @@ def make_api_postgresql_database(name: str) -> str:
     with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    api_schema.create_postgresql(url, WORKER_TEST_ERA)
     with psycopg.connect(url, autocommit=True) as conn:
-        for statement in API_SCHEMA:
-            # SQLite's rowid keys are PostgreSQL's serial ones.
-            conn.execute(
-                statement.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "SERIAL PRIMARY KEY").replace(
-                    "INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY"
-                )
-            )
+        for statement in API_OTHER_TABLES:
+            conn.execute(statement.replace("INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY"))
     return url
 
 
@@ -195,14 +190,7 @@ def _engine(database: Database) -> Engine:
 
 def insert_job(database: Database, job_id: str, task_type: str, params: object, **columns: object) -> None:
     """INSERT a queued job row with plain SQL, as the API service does."""
-    values = {
-        "job_id": job_id,
-        "task_type": task_type,
-        "params": params if isinstance(params, str) else json.dumps(params),
-        "status": "queued",
-        "created_at": int(time.time() * 1000),
-        **columns,
-    }
+    values = api_schema.api_row(job_id, task_type, params, WORKER_TEST_ERA, **columns)
     query(
         database,
         f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join(':' + name for name in values)})",
@@ -426,11 +414,17 @@ class Worker(LoggedProcess):
     """A ``celery -A cl_tasks worker`` subprocess (``app`` for another Celery app)."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, *args: str, app: str = "cl_tasks", gossip: bool = False
+        self,
+        env: dict[str, str],
+        log: Path,
+        *args: str,
+        app: str = "cl_tasks",
+        gossip: bool = False,
+        prefix: Sequence[str] = (),
     ) -> None:
         flags = ["--without-mingle", *([] if gossip else ["--without-gossip"])]
         command = [PYTHON, "-m", "celery", "-A", app, "worker", "-l", "info", "--logfile", str(log), *flags]
-        super().__init__([*command, *args], env, log)
+        super().__init__([*prefix, *command, *args], env, log)
 
 
 #: The ``start_worker`` fixture: ``start_worker(env, *celery_args, name="w1", ready=True)``.

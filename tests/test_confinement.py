@@ -18,7 +18,6 @@ import secrets
 import shutil
 import sqlite3
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests import support
 from tests.conftest import (
     TEST_MODULES,
     Worker,
@@ -90,22 +90,7 @@ def make_layout(base: Path, owner: tuple[int, int] | None) -> tuple[Path, Path]:
 def run_row(data: Path, params: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """INSERT a queued hostile_probe row as the API service does; wait until it ends."""
     job_id = f"hostile-{uuid.uuid4().hex[:10]}"
-    with sqlite3.connect(data / "media_store.db", timeout=60) as conn:
-        conn.execute(
-            "INSERT INTO jobs (job_id, task_type, params, status, created_at) VALUES (?, ?, ?, 'queued', ?)",
-            (job_id, "hostile_probe", json.dumps(params), int(time.time() * 1000)),
-        )
-    conn.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        conn = sqlite3.connect(data / "media_store.db", timeout=60)
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        conn.close()
-        if row["status"] in ("completed", "error"):
-            return dict(row)
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not end within {timeout}s")
+    return support.run_job(data / "media_store.db", job_id, "hostile_probe", params, timeout)
 
 
 def probe_jobs(scenario: Scenario) -> None:

@@ -9,19 +9,19 @@ import pytest
 from sqlalchemy import text
 
 from cl_tasks.jobs import JobStore, sqlalchemy_url
-from tests.support import POSTGRES_URL, port_open
+from tests.support import drop_postgresql_database, make_api_postgresql_database, port_open
 
 
 @pytest.fixture
 def pg_store() -> Iterator[JobStore]:
+    """A JobStore on a fresh PostgreSQL database holding the API's exact jobs table."""
     # Fail (not skip) when the server is missing: CI starts it.
     assert port_open("127.0.0.1", 5432), "PostgreSQL is not running on 127.0.0.1:5432"
-    store = JobStore(POSTGRES_URL)
+    name = f"cltest_{uuid.uuid4().hex[:12]}"
+    store = JobStore(make_api_postgresql_database(name))
     yield store
-    with store.transaction() as conn:
-        conn.execute(text("DELETE FROM jobs WHERE job_id LIKE 'pgtest-%'"))
-        conn.execute(text("DELETE FROM cl_tasks_intake WHERE job_id LIKE 'pgtest-%'"))
-        conn.execute(text("DELETE FROM cl_tasks_job_lease WHERE job_id LIKE 'pgtest-%'"))
+    store.engine.dispose()
+    drop_postgresql_database(name)
 
 
 def test_plain_postgresql_url_uses_psycopg_3() -> None:
@@ -49,7 +49,8 @@ def test_intake_reserves_a_queued_row_once_on_postgresql(pg_store: JobStore) -> 
     with pg_store.transaction() as conn:
         conn.execute(
             text(
-                "INSERT INTO jobs (job_id, task_type, params, status, progress) VALUES (:j, 'pgtest_type', '{}', 'queued', 0)"
+                "INSERT INTO jobs (job_id, task_type, params, status, progress, created_at, retry_count, max_retries,"
+                " priority) VALUES (:j, 'pgtest_type', '{}', 'queued', 0, 0, 0, 3, 5)"
             ),
             {"j": job_id},
         )

@@ -167,21 +167,21 @@ def test_the_first_celery_side_job_creates_an_era_a_table_when_no_api_made_one(t
     assert columns == {row[1]: (row[2], row[3]) for row in api.execute("PRAGMA table_info(jobs)")}
 
 
-def test_a_table_without_a_needed_column_is_refused_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ("job_id VARCHAR NOT NULL,", "", r"lacks column.*job_id"),
+        ("created_by VARCHAR,", "created_by VARCHAR, tenant VARCHAR NOT NULL,", "tenant"),
+    ],
+    ids=["a needed column missing", "an unknown NOT NULL column without a default"],
+)
+def test_a_table_the_worker_cannot_use_is_refused_naming_the_column(
+    tmp_path: Path, old: str, new: str, named: str
+) -> None:
     db = tmp_path / "media_store.db"
-    statement = ddl("a")[0].replace("job_id VARCHAR NOT NULL,", "")
     with sqlite3.connect(db) as conn:
-        conn.execute(statement)
-    with pytest.raises(JobsTableError, match=r"lacks column.*job_id"):
-        JobStore(f"sqlite:///{db}").layout  # noqa: B018
-
-
-def test_an_unknown_not_null_column_without_default_is_refused_naming_it(tmp_path: Path) -> None:
-    db = tmp_path / "media_store.db"
-    statement = ddl("a")[0].replace("created_by VARCHAR,", "created_by VARCHAR, tenant VARCHAR NOT NULL,")
-    with sqlite3.connect(db) as conn:
-        conn.execute(statement)
-    with pytest.raises(JobsTableError, match="tenant"):
+        conn.execute(ddl("a")[0].replace(old, new))
+    with pytest.raises(JobsTableError, match=named):
         JobStore(f"sqlite:///{db}").layout  # noqa: B018
 
 

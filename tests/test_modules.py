@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from cl_tasks.modules import discover, read_module
 from tests.support import (
     PYTHON,
     TEST_MODULES,
+    StartWorker,
     Worker,
     insert_job,
     job_row,
+    poll,
     run_client,
     subprocess_env,
     wait_for_job,
+    wait_until,
 )
-
-StartWorker = Callable[..., Worker]
 
 BUILD = """
 import logging, sys
@@ -126,24 +127,18 @@ def test_module_whose_venv_cannot_be_built_is_skipped_while_others_run(
 
 def running_runners(worker: Worker, database: Path, job_id: str, timeout: float = 30) -> list[int]:
     """The ledger_tools runner pids of ``worker`` once ``job_id`` is being processed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if job_row(database, job_id).get("status") == "processing":
-            runners = runners_below(worker.process.pid, "ledger_tools")
-            if runners:
-                return runners
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} was not processed by a runner within {timeout}s")
+
+    def runners() -> list[int]:
+        if job_row(database, job_id).get("status") != "processing":
+            return []
+        return runners_below(worker.process.pid, "ledger_tools")
+
+    return wait_until(runners, timeout, f"job {job_id} processed by a runner")
 
 
 def all_gone(pids: list[int], timeout: float = 10) -> bool:
     """Whether every process of ``pids`` has ended within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not [pid for pid in pids if Path(f"/proc/{pid}").exists()]:
-            return True
-        time.sleep(0.05)
-    return False
+    return bool(poll(lambda: not [pid for pid in pids if Path(f"/proc/{pid}").exists()], timeout))
 
 
 def stopped_hanging_job(
@@ -166,23 +161,22 @@ def stopped_hanging_job(
     return row
 
 
-def test_soft_time_limit_stops_the_runner_and_fails_the_row(
-    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ("soft_time_limit=1.5", "stopped: the soft time limit of 1.5 s was exceeded"),
+        ("time_limit=2", "TimeLimitExceeded"),
+    ],
+)
+def test_a_time_limit_stops_the_runner_and_fails_the_row(
+    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker, limit: str, message: str
 ) -> None:
     worker = start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    row = stopped_hanging_job(server_dir, jobs_env, worker, "soft_time_limit=1.5")
+    row = stopped_hanging_job(server_dir, jobs_env, worker, limit)
     assert row["status"] == "error"
-    assert row["error_message"] == "stopped: the soft time limit of 1.5 s was exceeded"
-
-
-def test_hard_time_limit_fails_the_row(
-    server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
-) -> None:
-    worker = start_worker(jobs_env, "-Q", "misbehave", "-c", "1")
-    row = stopped_hanging_job(server_dir, jobs_env, worker, "time_limit=2")
-    assert row["status"] == "error"
-    assert "TimeLimitExceeded" in str(row["error_message"]), row
-    assert row["progress"] == 0
+    assert message in str(row["error_message"]), row
+    if limit.startswith("time_limit"):
+        assert row["progress"] == 0
 
 
 def test_revoke_terminate_stops_the_runner_and_fails_the_row(
@@ -236,7 +230,5 @@ def test_pool_processes_start_their_runners_before_the_first_job(
     # Given a prefork worker with two processes for ledger_echo, and no job sent
     worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "2")
     # Then each pool process has started its runner already: no job waits for one
-    deadline = time.monotonic() + 15
-    while len(runners_below(worker.process.pid, "ledger_tools")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll(lambda: len(runners_below(worker.process.pid, "ledger_tools")) >= 2, 15)
     assert len(runners_below(worker.process.pid, "ledger_tools")) == 2, worker.text()[-2000:]

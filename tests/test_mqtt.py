@@ -26,6 +26,7 @@ from tests.mqtt_support import (
 from tests.support import (
     Database,
     StartWorker,
+    Worker,
     insert_job,
     run_celery,
     run_client,
@@ -163,13 +164,19 @@ def wait_announced(topic: str) -> None:
     probe.close()
 
 
+def start_announced(env: dict[str, str], topic: str, start_worker: StartWorker) -> Worker:
+    """A ledger_echo worker whose retained announcement on ``topic`` is there."""
+    worker = start_worker(env, "-Q", "ledger_echo", "-c", "1")
+    wait_announced(topic)
+    assert retained(topic)
+    return worker
+
+
 def test_sigterm_clears_and_sigkill_is_cleared_by_the_will(
     mqtt_env: dict[str, str], prefix: str, start_worker: StartWorker
 ) -> None:
     topic = f"{prefix}/workers/worker-1"
-    graceful = start_worker(mqtt_env, "-Q", "ledger_echo", "-c", "1")
-    wait_announced(topic)
-    assert retained(topic)
+    graceful = start_announced(mqtt_env, topic, start_worker)
     graceful.process.send_signal(signal.SIGTERM)
     graceful.process.wait(timeout=30)
     assert retained(topic) is None
@@ -333,10 +340,7 @@ def test_celery_control_shutdown_clears_the_retained_message(
     mqtt_env: dict[str, str], prefix: str, start_worker: StartWorker
 ) -> None:
     topic = f"{prefix}/workers/worker-1"
-    worker = start_worker(mqtt_env, "-Q", "ledger_echo", "-c", "1")
-    # (the first announcement may come a moment after "ready.": wait for it)
-    wait_announced(topic)
-    assert retained(topic)
+    worker = start_announced(mqtt_env, topic, start_worker)
     node = f"w1@{socket.gethostname()}"
     run_celery(mqtt_env, "control", "shutdown", "-d", node, "-t", "3", timeout=60)
     worker.process.wait(timeout=30)

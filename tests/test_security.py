@@ -98,7 +98,9 @@ def guarded(base: Path, guarded_env: dict[str, str]) -> Iterator[Worker]:
 def imaging(base: Path) -> Iterator[Worker]:
     data = base / "imaging"
     data.mkdir()
-    Image.new("RGB", (30, 20), (10, 200, 10)).save(data / "good.png")  # no jobs table yet: the API's comes after the worker
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(
+        data / "good.png"
+    )  # no jobs table yet: the API's comes after the worker
     env = support.compute_env(data, BROADCAST_TYPE="noop")
     worker = Worker(env, base / "imaging.log", "-n", "imaging@%h", "-c", "1", "-Q", "image_resize,misbehave")
     worker.wait_ready()
@@ -109,7 +111,7 @@ def imaging(base: Path) -> Iterator[Worker]:
 
 def wait_for_jobs_table(data: Path) -> None:
     """The API's migration runs after the worker started (the worker never makes ``jobs``)."""
-    support.wait_until(lambda: (data / "media_store.db").exists(), 60, f"the database in {data}")
+    support.wait_until((data / "media_store.db").exists, 60, f"the database in {data}")
     support.make_api_database(data / "media_store.db")
 
 
