@@ -452,7 +452,8 @@ def run_job(
         try:
             output = runner.run(job_id, task_type, staged, on_progress, root=inside)
         except JobError as exc:
-            raise JobError(files.for_message(str(exc))) from None
+            # Same kind (a crashed runner stays retryable), host paths in the message.
+            raise type(exc)(files.for_message(str(exc))) from None
         files.place_outputs()
         return files.for_output(output)
     finally:
