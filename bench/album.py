@@ -2,7 +2,7 @@
 
 ``scripts/bench-album.sh [--photos N]`` (or ``python -m bench.album``) measures, in one run:
 
-* **cl_tasks**: the API's rows (era-A ``jobs`` DDL from the shared fixtures) inserted into
+* **cl_tasks**: the API's rows (era-A ``jobs`` DDL from tests/fixtures/cl_server) inserted into
   ``media_store.db`` one by one as the API does, consumed by ``celery -A cl_tasks worker
   -Q image_resize -c 2``; timed from the first insert to the last ``completed_at``.
 * **libvips**: ``pyvips.Image.thumbnail`` writing the same outputs in 2 processes, no
@@ -38,7 +38,7 @@ from bench.harness import ROOT
 from bench.jobs import MODULE, VENVS, _start_worker
 from cl_tasks.modules import read_module, venv_python
 
-ERA_A = ROOT.parent / "shared" / "fixtures" / "cl_server" / "jobs_era_a.sql"
+ERA_A = ROOT / "tests" / "fixtures" / "cl_server" / "jobs_era_a.sql"
 #: A 12 MP photo, and a 48 MP one (for the memory figure), in pixels.
 PHOTO_12MP = (4000, 3000)
 PHOTO_48MP = (8000, 6000)

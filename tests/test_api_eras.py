@@ -21,11 +21,14 @@ except JobRowError as exc:
 
 
 def era_env(tmp_path: Path, era: str) -> tuple[dict[str, str], Path]:
+    """A CL_SERVER_DIR with the era's table: era C in a ``compute.db`` (upstream's current file)."""
     data = tmp_path / "data"
     data.mkdir()
-    create_sqlite(data / "media_store.db", era)
-    broker = f"sqlite:///{data / 'media_store.db'}?visibility_timeout=4&polling_interval=0.5"
-    return compute_env(data, CELERY_BROKER_URL=broker, BROADCAST_TYPE="noop"), data / "media_store.db"
+    db = data / ("compute.db" if era == "c" else "media_store.db")
+    create_sqlite(db, era)
+    broker = f"sqlite:///{db}?visibility_timeout=4&polling_interval=0.5"
+    env = compute_env(data, CELERY_BROKER_URL=broker, DATABASE_URL=f"sqlite:///{db}", BROADCAST_TYPE="noop")
+    return env, db
 
 
 @pytest.mark.parametrize("era", ["a", "c"])

@@ -34,7 +34,7 @@ from tests.conftest import (
 )
 
 MODULE = TEST_MODULES / "image_tools"
-ERA_A = ROOT.parent / "shared" / "fixtures" / "cl_server" / "jobs_era_a.sql"
+ERA_A = ROOT / "tests" / "fixtures" / "cl_server" / "jobs_era_a.sql"
 FORMATS = ("png", "jpg", "webp", "gif", "bmp", "tiff")
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF"}
 #: The cases tests/photos/make.py writes (checked against its cases.json).
