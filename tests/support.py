@@ -188,9 +188,11 @@ def _engine(database: Database) -> Engine:
     )
 
 
-def insert_job(database: Database, job_id: str, task_type: str, params: object, **columns: object) -> None:
-    """INSERT a queued job row with plain SQL, as the API service does."""
-    values = api_schema.api_row(job_id, task_type, params, WORKER_TEST_ERA, **columns)
+def insert_job(
+    database: Database, job_id: str, task_type: str, params: object, era: str = WORKER_TEST_ERA, **columns: object
+) -> None:
+    """INSERT a queued job row with plain SQL, as the API service of era ``era`` does."""
+    values = api_schema.api_row(job_id, task_type, params, era, **columns)
     query(
         database,
         f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join(':' + name for name in values)})",

@@ -330,7 +330,7 @@ def server_dir(tmp_path: Path) -> Path:
 
 def insert_api_job(database: Database, job_id: str, task_type: str, params: dict[str, Any]) -> None:
     """A row as the API inserts it: every NOT NULL column filled (era A has no defaults)."""
-    insert_job(database, job_id, task_type, params, progress=0, retry_count=0, max_retries=3)
+    insert_job(database, job_id, task_type, params, era="a")
 
 
 @pytest.mark.skipif(STACK != "sqlite", reason="era-A table made here in SQLite; the stacks run test_jobs")
