@@ -66,9 +66,13 @@ string wins, being the more specific place):
 * ``synchronous`` (``NORMAL``): ``NORMAL`` never corrupts the database but may
   lose the last commits on power loss; ``FULL`` keeps them at some speed cost.
 * ``wal_size_limit`` (4 MiB): past this size (looked at every 50 writes of a
-  process) the ``-wal`` file is checkpointed with ``TRUNCATE`` and starts over
-  empty. SQLite's passive auto-checkpoints are off on our connections: under
-  constant load they cannot rewind the WAL, which then grows.
+  process and at each sweep) the ``-wal`` file is checkpointed, PASSIVE first,
+  then ``TRUNCATE`` with a 5 ms busy timeout only when no reader holds an older
+  snapshot, and starts over empty: the API's writers are never held up for
+  more than a few milliseconds. While a reader holds an old snapshot the file
+  grows; it returns under the bound at the first look after readers finish.
+  SQLite's passive auto-checkpoints are off on our connections: under constant
+  load they cannot rewind the WAL, which then grows.
 * ``sweep_interval`` (30.0): seconds between sweeps of expired messages and
   queues and old dead letters.
 * ``dead_letter_retention`` (604800.0, a week): seconds dead letters are kept.

@@ -169,6 +169,8 @@ DEFAULT_BUSY_TIMEOUT = 60.0
 DEFAULT_WAL_SIZE_LIMIT = 4 * 1024 * 1024
 #: SQLite's passive auto-checkpoint, off: :meth:`Store._bound_wal` checkpoints instead.
 WAL_AUTOCHECKPOINT_PAGES = 0
+#: Milliseconds a TRUNCATE checkpoint may wait for locks (the API's writers wait as long at most).
+CHECKPOINT_BUSY_MS = 5
 #: Writes of one process between two looks at the size of the ``-wal`` file.
 WAL_CHECK_EVERY = 50
 #: Seconds before consumed queues without ``x-expires`` are looked at again.
@@ -395,24 +397,39 @@ class Store:
             self._bound_wal()
 
     def _bound_wal(self) -> None:
-        """Past ``wal_size_limit``, checkpoint with TRUNCATE: the file starts over, empty.
+        """Past ``wal_size_limit``, bring the ``-wal`` file back to empty without blocking writers.
 
-        Passive auto-checkpoints cannot rewind the WAL while readers keep
-        arriving, so under constant load it would grow; TRUNCATE waits (within
-        ``busy_timeout``) for the few-millisecond transactions in flight. When
-        another process is checkpointing at that moment it returns at once,
-        and that other checkpoint does the work.
+        First a PASSIVE checkpoint, which never waits for anyone: it copies back
+        every frame no reader still needs. Only when that copied them all (no
+        reader holds an older snapshot) does a TRUNCATE follow, with a busy
+        timeout of :data:`CHECKPOINT_BUSY_MS`: TRUNCATE takes the write lock
+        while it waits for readers, so with our usual 60 s timeout one API
+        request holding a snapshot would lock every API writer out for as long
+        as it reads. Busy now means tried again later: at the next look (every
+        :data:`WAL_CHECK_EVERY` writes) or the next sweep. While a reader holds
+        an old snapshot the file grows (SQLite cannot rewind it under a
+        reader); it returns under the bound at the first look after the
+        readers finish.
         """
         try:
             size = os.stat(self._wal_path).st_size
         except FileNotFoundError:
             return
-        if size > self._wal_size_limit:
+        if size <= self._wal_size_limit:
+            return
+        conn = self.conn
+        try:
+            _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames < 0 or copied < frames:
+                return  # a reader still needs frames of the log: not now
+            conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            except sqlite3.Error as exc:
-                # The write before committed: it must not look failed. The next look tries again.
-                logger.warning("SQLite broker: checkpoint of %s failed, retried later: %s", self.path, exc)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+        except sqlite3.Error as exc:
+            # The write before committed: it must not look failed. The next look tries again.
+            logger.warning("SQLite broker: checkpoint of %s failed, retried later: %s", self.path, exc)
 
     @contextmanager
     def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
@@ -649,5 +666,5 @@ class Store:
                 self._drop_queue(conn, name)
                 removed += 1
             conn.execute(self.sql(SWEEP_DEAD_LETTERS), (now - dead_letter_retention,))
-        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._bound_wal()
         return removed
