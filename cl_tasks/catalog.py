@@ -10,7 +10,8 @@ module folder is not installed.
 At worker setup (``celeryd_after_setup``) the venvs of the modules the worker
 consumes are built; a module whose venv cannot be built is logged and its
 queues are not consumed, so its jobs wait (``queued``) for a worker that can
-run them.
+run them; so is a bundled task type's queue named with ``-Q`` where its module
+is not installed or not in ``WORKER_SUPPORTED_TASKS``.
 
 Imports only settings and module discovery: everything above it may ask it.
 """
@@ -61,6 +62,15 @@ def prepare_modules(sender: Any = None, instance: Any = None, **_: Any) -> None:
     queues = instance.app.amqp.queues
     consumed = set(queues.consume_from or queues)
     venv_dir = current().venv_dir
+    for task_type in sorted(consumed.intersection(BUNDLED_TASK_TYPES) - set(compute_modules())):
+        # Consumed without a module, its messages would be refused (dead letters) here.
+        logger.error(
+            "task type %s: no compute module under %s serves it here (WORKER_SUPPORTED_TASKS?);"
+            " its queue is not consumed by this worker, its jobs wait for a worker that has it",
+            task_type,
+            current().modules_dir,
+        )
+        queues.deselect(task_type)
     failures: dict[str, str | None] = {}
     for task_type, module in sorted(compute_modules().items()):
         if task_type not in consumed:

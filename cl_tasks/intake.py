@@ -13,7 +13,9 @@ A row whose ``params`` is not a JSON object, or is past ``JOB_PARAMS_MAX_BYTES``
 as stored, ends ``error`` at once.
 A ``priority`` that is not a number is logged and the job runs at the default
 priority (it orders jobs; it is not the job's input). A row of a task type no
-worker runs stays ``queued`` until a worker for it starts.
+worker runs stays ``queued`` until a worker for it starts. A row whose message
+left the broker without the job ending (purged, dead-lettered) is published
+again (:meth:`Intake.release_stranded`): a row is never stranded.
 
 Intake runs once per worker: it starts when the worker is ready
 (``worker_ready``, which repeats on reconnect) and stops at shutdown.
@@ -36,8 +38,8 @@ from cl_tasks.jobs import Job, JobStore, job_store
 from cl_tasks.jobs_table import API_DEFAULTS, JOB_PRIORITIES, JobsTableError, JobsTableMissing
 from cl_tasks.lifecycle import WorkerService
 from cl_tasks.messages import params_too_large
-from cl_tasks.settings import Settings, current
-from transports.store import DatabaseFull
+from cl_tasks.settings import Settings, current, sqlite_path
+from transports.store import DatabaseFull, Store
 from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,11 @@ STALE_RESERVATION = 60.0
 MIN_SCAN_GAP = 0.002
 #: Pause after a wake-up before looking (seconds): the commit must become visible.
 COMMIT_SETTLE = 0.0005
+#: Seconds a published row may be without its message before it is published again, and
+#: between two looks for such rows.
+STRANDED_AFTER = 30.0
+#: Stranded rows looked at per look.
+STRANDED_BATCH = 1000
 
 
 class Intake(threading.Thread):
@@ -68,6 +75,10 @@ class Intake(threading.Thread):
         self._last_problem = ""
         path = settings.sqlite_path
         self._watch = CommitWatch(path) if path is not None else None
+        broker = sqlite_path(settings.broker_url)
+        prefix = app.conf.broker_transport_options.get("table_prefix", "kombu_")
+        self._broker = Store(broker, prefix=prefix) if broker is not None else None
+        self._next_stranded_look = time.monotonic() + STRANDED_AFTER
 
     def stop(self) -> None:
         self._stopped.set()
@@ -82,6 +93,7 @@ class Intake(threading.Thread):
                 if time.monotonic() >= next_full_scan:
                     next_full_scan = time.monotonic() + self._settings.poll_interval
                     self._store.forget_stale_reservations(STALE_RESERVATION)
+                    self.release_stranded()
                     last_id = self.scan(after_id=0)
                 else:
                     last_id = max(last_id, self.scan(after_id=last_id))
@@ -135,6 +147,40 @@ class Intake(threading.Thread):
                 break
             after_id = reserved[-1].id
         return top
+
+    def release_stranded(self, *, now: float | None = None) -> list[str]:
+        """Let intake publish again the ``queued`` rows whose message is gone; their job ids.
+
+        A row is stranded when its message left the broker without the job
+        ending: ``celery purge``, a message dead-lettered by a worker that could
+        not run it, a message expired or lost. On our SQLite broker (the
+        embedded default) the broker's messages are read directly: a row
+        published more than :data:`STRANDED_AFTER` seconds ago with no message
+        (ready or taken) in its queue loses its publish mark, and the scan that
+        follows publishes it again. Looked at every :data:`STRANDED_AFTER`
+        seconds. RabbitMQ and Redis cannot list a queue's messages, so there a
+        purged job's row stays ``queued`` (see README, "Purge").
+        """
+        now = time.monotonic() if now is None else now
+        if self._broker is None or now < self._next_stranded_look:
+            return []
+        self._next_stranded_look = now + STRANDED_AFTER
+        types = list(self._task_types())
+        candidates = self._store.published_queued(
+            types, before=time.time() - STRANDED_AFTER, limit=STRANDED_BATCH
+        )
+        if not candidates:
+            return []
+        live = self._broker.task_ids(types)  # read after the rows: a message acked since ended its row
+        stranded = [job_id for job_id in candidates if job_id not in live]
+        if stranded and self._store.forget_published(stranded):
+            logger.warning(
+                "%d queued job(s) had no message in the broker (purged, dead-lettered or lost)"
+                " and are published again: %s",
+                len(stranded),
+                ", ".join(stranded[:10]) + (" ..." if len(stranded) > 10 else ""),
+            )
+        return stranded
 
     def publish(self, job: Job) -> bool:
         """Publish ``job``'s message; False when its row was ended ``error`` instead.

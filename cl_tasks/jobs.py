@@ -427,6 +427,35 @@ class JobStore:
         with self.transaction() as conn:
             return int(conn.execute(query).rowcount)
 
+    def published_queued(self, task_types: Iterable[str], *, before: float, limit: int) -> list[str]:
+        """Job ids of ``queued`` rows of ``task_types`` whose message was published before ``before``."""
+        types = sorted(task_types)
+        if not types:
+            return []
+        query = (
+            select(intake.c.job_id)
+            .join(self.table, self.table.c.job_id == intake.c.job_id)
+            .where(
+                self.table.c.status == QUEUED,
+                self.table.c.task_type.in_(types),
+                intake.c.published_at < before,
+            )
+            .order_by(intake.c.published_at)
+            .limit(limit)
+        )
+        with self.reading() as conn:
+            return [str(job_id) for (job_id,) in conn.execute(query)]
+
+    def forget_published(self, job_ids: Iterable[str]) -> int:
+        """Drop the publish marks of ``job_ids`` still ``queued``, so intake publishes them again."""
+        job_ids = list(job_ids)
+        if not job_ids:
+            return 0
+        still_queued = select(self.table.c.job_id).where(self.table.c.status == QUEUED)
+        query = delete(intake).where(intake.c.job_id.in_(job_ids), intake.c.job_id.in_(still_queued))
+        with self.transaction() as conn:
+            return int(conn.execute(query).rowcount)
+
     # -- running ----------------------------------------------------------------
 
     def claim(self, job_id: str, owner: str, lease: float) -> Claim:

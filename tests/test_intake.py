@@ -155,3 +155,60 @@ def test_a_text_column_holding_invalid_utf8_ends_error_alone(rig: Rig) -> None:
     assert rig.published() == {"after"}
     status, message = rows(rig.db, "SELECT status, error_message FROM jobs WHERE job_id = 'poison'")[0]
     assert status == "error" and "not valid UTF-8" in message
+
+
+@pytest.fixture
+def no_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows count as stranded as soon as their message is gone (30 s in production)."""
+    monkeypatch.setattr("cl_tasks.intake.STRANDED_AFTER", 0.0)
+
+
+def test_a_purged_job_is_published_again_and_a_live_one_is_not(rig: Rig, no_grace: None) -> None:
+    # Given two API rows published, then `celery purge` (the broker's purge of the queue)
+    insert_sqlite(rig.db, api_row("purged", SERVED, {"width": 8}))
+    rig.intake.scan(after_id=0)
+    with rig.app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(SERVED)
+    insert_sqlite(rig.db, api_row("live", SERVED, {"width": 8}))
+    rig.intake.scan(after_id=0)
+    assert rig.published() == {"live"}
+    # When intake looks for stranded rows and scans
+    stranded = rig.intake.release_stranded(now=float("inf"))
+    rig.intake.scan(after_id=0)
+    # Then the purged job has its message again, and the live one was left alone (one message)
+    assert stranded == ["purged"]
+    assert rig.published() == {"purged", "live"}
+    assert rows(rig.db, "SELECT count(*) FROM kombu_message") == [(2,)]
+
+
+def test_a_dead_lettered_job_is_published_again_but_an_ended_one_is_not(rig: Rig, no_grace: None) -> None:
+    # Given a job whose message a worker refused (dead letter), and one that completed
+    insert_sqlite(rig.db, api_row("refused", SERVED, {"width": 8}))
+    insert_sqlite(rig.db, api_row("done", SERVED, {"width": 8}))
+    rig.intake.scan(after_id=0)
+    with rig.app.connection_for_write() as conn:
+        queue = conn.SimpleQueue(SERVED)
+        for _ in range(2):
+            message = queue.get(timeout=5)
+            if message.headers["id"] == "refused":
+                message.reject(requeue=False)
+            else:
+                rows(rig.db, "UPDATE jobs SET status = 'completed' WHERE job_id = 'done'")
+                message.ack()
+        queue.close()
+    assert rows(rig.db, "SELECT count(*) FROM kombu_dead_letter") == [(1,)]
+    # When intake looks for stranded rows and scans
+    rig.intake.release_stranded(now=float("inf"))
+    rig.intake.scan(after_id=0)
+    # Then only the refused job is published again
+    assert rig.published() == {"refused"}
+
+
+def test_stranded_rows_wait_out_the_grace_period(rig: Rig) -> None:
+    # A purged row is not published again before STRANDED_AFTER (its message may be on its way)
+    insert_sqlite(rig.db, api_row("purged", SERVED, {"width": 8}))
+    rig.intake.scan(after_id=0)
+    with rig.app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(SERVED)
+    assert rig.intake.release_stranded(now=float("inf")) == []
+    assert rig.published() == set()

@@ -14,6 +14,7 @@ from tests.support import (
     TEST_MODULES,
     StartWorker,
     Worker,
+    count,
     insert_job,
     job_row,
     poll,
@@ -232,3 +233,30 @@ def test_pool_processes_start_their_runners_before_the_first_job(
     # Then each pool process has started its runner already: no job waits for one
     poll(lambda: len(runners_below(worker.process.pid, "ledger_tools")) >= 2, 15)
     assert len(runners_below(worker.process.pid, "ledger_tools")) == 2, worker.text()[-2000:]
+
+
+def test_a_bundled_queue_without_its_module_is_not_consumed_and_its_jobs_wait(
+    tmp_path: Path, server_dir: Path, jobs_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    # Given a worker told to consume image_resize whose module it does not serve here
+    modules = tmp_path / "modules"
+    shutil.copytree(TEST_MODULES / "ledger_tools", modules / "ledger_tools")
+    env = {**jobs_env, "COMPUTE_MODULES_DIR": str(modules), "COMPUTE_VENV_DIR": str(tmp_path / "venvs")}
+    worker = start_worker(env, "-Q", "image_resize,ledger_echo", "-c", "1")
+    # When a client submits an image_resize job, then a ledger job
+    run_client(env, RESIZE_THEN_LEDGER)
+    database = server_dir / "media_store.db"
+    # Then the ledger job ran, and the resize job's message waits in its queue (not dead-lettered)
+    assert wait_for_job(database, "ledger-after")["status"] == "completed"
+    assert "task type image_resize: no compute module" in worker.text()
+    assert job_row(database, "resize-first")["status"] == "queued"
+    assert count(database, "SELECT count(*) FROM kombu_message WHERE queue = 'image_resize'") == 1
+    assert count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
+
+
+RESIZE_THEN_LEDGER = """
+from cl_tasks.app import app
+resize = {"input_paths": ["a.png"], "output_paths": ["b.png"], "width": 8}
+app.send_task("image_resize", kwargs=resize, task_id="resize-first")
+app.send_task("ledger_echo", kwargs={"ledger_path": "l.txt"}, task_id="ledger-after")
+"""

@@ -160,6 +160,10 @@ DELETE_EXCHANGE_BINDINGS = "DELETE FROM {p}binding WHERE exchange = ?"
 BIND = "INSERT OR IGNORE INTO {p}binding (exchange, routing_key, queue) VALUES (?, ?, ?)"
 UNBIND = "DELETE FROM {p}binding WHERE exchange = ? AND routing_key = ? AND queue = ?"
 BINDINGS = "SELECT queue, exchange, routing_key FROM {p}binding"
+TASK_IDS = (
+    "SELECT json_extract(payload, '$.headers.id') FROM {p}message"
+    " WHERE queue IN (SELECT value FROM json_each(?))"
+)
 SWEEP_MESSAGES = "DELETE FROM {p}message WHERE expires_at <= ?"
 SWEEP_DEAD_LETTERS = "DELETE FROM {p}dead_letter WHERE dead_at <= ?"
 
@@ -550,6 +554,11 @@ class Store:
     def dead_letter_payload(self, queue: str, payload: dict[str, Any], reason: str) -> None:
         """Record a message already taken off its queue (no-ack) as a dead letter."""
         self._write(DEAD_LETTER_PAYLOAD, (queue, json.dumps(payload), reason, time.time()))
+
+    def task_ids(self, queues: Iterable[str]) -> set[str]:
+        """Celery task ids (header ``id``) of every message of ``queues``, ready or taken."""
+        rows = self.conn.execute(self.sql(TASK_IDS), (json.dumps(list(queues)),))
+        return {str(task_id) for (task_id,) in rows if task_id is not None}
 
     def size(self, queue: str) -> int:
         row = self.conn.execute(self.sql(SIZE), {"queue": queue, "now": time.time()}).fetchone()
