@@ -66,10 +66,15 @@ def api_row(job_id: str, task_type: str, params: Any, era: str = "a", **columns:
 
 def insert_sqlite(path: Path, row: dict[str, Any]) -> None:
     """INSERT ``row`` with the driver, raw values as given (bytes stay bytes)."""
-    names = ", ".join(row)
-    marks = ", ".join("?" for _ in row)
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
-        conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", list(row.values()))
+        insert_into(conn, row)
     finally:
         conn.close()
+
+
+def insert_into(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
+    """INSERT ``row`` into ``jobs`` on the API's own open connection ``conn``."""
+    names = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", list(row.values()))

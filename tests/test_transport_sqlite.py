@@ -182,13 +182,11 @@ def test_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_broker_tables_sit_beside_the_api_tables_without_touching_them(tmp_path: Path) -> None:
-    # Given a media_store.db the API service made, with its own tables and rows
+    # Given a media_store.db the API service made (its exact jobs DDL, era B), with its rows
     database = tmp_path / "media_store.db"
+    make_api_database(database, "b")
     with sqlite3.connect(database) as api:
-        api.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, job_id TEXT, status TEXT, priority INT)")
-        api.execute("CREATE TABLE entities (id INTEGER PRIMARY KEY, label TEXT)")
-        api.execute("INSERT INTO jobs (job_id, status, priority) VALUES ('j1', 'queued', 5)")
-        api.execute("INSERT INTO entities (label) VALUES ('cat.jpg')")
+        api_schema.insert_into(api, api_schema.api_row("j1", "image_resize", {}, "b"))
     schema_before = sorted(
         sqlite3.connect(database).execute("SELECT name, sql FROM sqlite_master").fetchall()
     )
@@ -203,7 +201,7 @@ def test_broker_tables_sit_beside_the_api_tables_without_touching_them(tmp_path:
     with sqlite3.connect(database) as check:
         schema_after = sorted(check.execute("SELECT name, sql FROM sqlite_master").fetchall())
         assert check.execute("SELECT job_id, status, priority FROM jobs").fetchall() == [("j1", "queued", 5)]
-        assert check.execute("SELECT label FROM entities").fetchall() == [("cat.jpg",)]
+        assert check.execute("SELECT label, file_path FROM entities").fetchall() == [("cat", "cat.jpg")]
     new = {name for name, _ in set(schema_after) - set(schema_before)}
     assert set(schema_before) <= set(schema_after)
     assert new and all(name.startswith(("kombu_", "sqlite_")) for name in new), new
@@ -533,10 +531,7 @@ def test_checkpoint_never_locks_the_api_out_while_a_reader_holds_a_snapshot(tmp_
             row = api_schema.api_row(f"api-{n}", "image_resize", {"input_paths": []}, "a")
             began = time.monotonic()
             try:
-                api.execute(
-                    f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    list(row.values()),
-                )
+                api_schema.insert_into(api, row)
             except sqlite3.OperationalError as exc:
                 failures.append(str(exc))
             latencies.append(time.monotonic() - began)

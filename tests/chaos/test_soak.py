@@ -248,10 +248,7 @@ class ApiTraffic:
             row = api_schema.api_row(f"probe-{n}", "clip_embedding", {}, support.WORKER_TEST_ERA)
             began = time.monotonic()
             try:
-                conn.execute(
-                    f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    list(row.values()),
-                )
+                api_schema.insert_into(conn, row)
             except sqlite3.OperationalError as exc:
                 self.failures.append(str(exc))
             self.latencies.append(time.monotonic() - began)
