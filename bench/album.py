@@ -34,11 +34,10 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw
 
-from bench.harness import ROOT
-from bench.jobs import MODULE, VENVS, _start_worker
+from bench.harness import ROOT, api_database
+from bench.jobs import MODULE, VENVS, _start_worker, insert_api_row
 from cl_tasks.modules import read_module, venv_python
 
-ERA_A = ROOT / "tests" / "fixtures" / "cl_server" / "jobs_era_a.sql"
 #: A 12 MP photo, and a 48 MP one (for the memory figure), in pixels.
 PHOTO_12MP = (4000, 3000)
 PHOTO_48MP = (8000, 6000)
@@ -94,18 +93,6 @@ def make_album(folder: Path, count: int) -> list[Path]:
     return photos
 
 
-def insert_api_row(database: Path, job_id: str, params: dict[str, Any]) -> None:
-    """One row as the API inserts it (era A: every NOT NULL column filled, no defaults)."""
-    conn = sqlite3.connect(database, timeout=60)
-    with conn:
-        conn.execute(
-            "INSERT INTO jobs (job_id, task_type, params, status, progress, created_at, retry_count,"
-            " max_retries) VALUES (?, 'image_resize', ?, 'queued', 0, ?, 0, 3)",
-            (job_id, json.dumps(params), int(time.time() * 1000)),
-        )
-    conn.close()
-
-
 def wait_completed(database: Path, count: int, timeout: float = 900) -> int:
     """The last ``completed_at`` (ms) once ``count`` jobs ended; raises if one failed."""
     conn = sqlite3.connect(database, timeout=60)
@@ -136,14 +123,9 @@ def jobs_of(photos: list[Path], out: Path) -> list[tuple[str, str, int]]:
 def measure_cl_tasks(server: Path, photos: list[Path]) -> float:
     database = server / "media_store.db"
     # The worker's log goes too: the previous round's "ready." would let this round start early.
-    leftovers = ("media_store.db", "media_store.db-wal", "media_store.db-shm", "worker.log")
-    for leftover in (server / name for name in leftovers):
-        leftover.unlink(missing_ok=True)
+    (server / "worker.log").unlink(missing_ok=True)
     shutil.rmtree(server / "out", ignore_errors=True)
-    with sqlite3.connect(database) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(ERA_A.read_text())
-    conn.close()
+    api_database(database)
     jobs = jobs_of(photos, server / "out")
     worker = _start_worker(server)
     try:

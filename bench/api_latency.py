@@ -39,9 +39,8 @@ from typing import Any
 
 from PIL import Image
 
-from bench.album import ERA_A, insert_api_row
-from bench.harness import PYTHON, ROOT, percentile
-from bench.jobs import _params, _start_worker
+from bench.harness import PYTHON, ROOT, api_database, percentile
+from bench.jobs import _params, _start_worker, insert_api_row
 
 #: Seconds between two probe inserts.
 PROBE_EVERY = 0.01
@@ -161,10 +160,7 @@ def measure(workdir: Path, seconds: float) -> dict[str, Any]:
     server = workdir / "api-latency"
     server.mkdir(parents=True)
     database = server / "media_store.db"
-    with sqlite3.connect(database) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(ERA_A.read_text())
-    conn.close()
+    api_database(database)
     load = Load(server)
     phases: dict[str, dict[str, Any]] = {"no worker": _phase(database, seconds, load)}
     hogs = [subprocess.Popen([PYTHON, "-c", CPU_HOG]) for _ in range(os.cpu_count() or 2)]

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +16,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+#: The API's exact era-A ``jobs`` DDL (every bench's jobs table is made from it).
+ERA_A = ROOT / "tests" / "fixtures" / "cl_server" / "jobs_era_a.sql"
+
+
+def api_database(path: Path) -> None:
+    """A fresh ``media_store.db`` as the API's migration makes it: WAL, the era-A ``jobs`` table."""
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        leftover.unlink(missing_ok=True)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(ERA_A.read_text())
+    conn.close()
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from bench.harness import PYTHON, ROOT, percentile
-from cl_tasks.jobs import JobStore
+from bench.harness import PYTHON, ROOT, api_database, percentile
 from cl_tasks.modules import read_module, venv_python
 
 #: Venvs of the bench's compute modules, kept between runs.
@@ -34,13 +33,14 @@ VENVS = ROOT / ".venvs-bench"
 MODULE = ROOT / "compute_modules" / "image_tools"
 
 
-def _insert(database: Path, job_id: str, params: dict[str, Any]) -> int:
+def insert_api_row(database: Path, job_id: str, params: dict[str, Any]) -> int:
+    """One row as the API inserts it (era A: every NOT NULL column filled, no defaults)."""
     conn = sqlite3.connect(database, timeout=60)
     created = int(time.time() * 1000)
     with conn:
         conn.execute(
-            "INSERT INTO jobs (job_id, task_type, params, status, progress, created_at)"
-            " VALUES (?, 'image_resize', ?, 'queued', 0, ?)",
+            "INSERT INTO jobs (job_id, task_type, params, status, progress, created_at, retry_count,"
+            " max_retries) VALUES (?, 'image_resize', ?, 'queued', 0, ?, 0, 3)",
             (job_id, json.dumps(params), created),
         )
     conn.close()
@@ -140,7 +140,7 @@ def measure(workdir: Path, count: int, pickup_samples: int) -> dict[str, Any]:
     server = workdir / "jobs-data"
     (server / "in").mkdir(parents=True)
     database = server / "media_store.db"
-    JobStore(f"sqlite:///{database}").engine  # noqa: B018 - creates the jobs table as the API would
+    api_database(database)
     for n in range(count):
         Image.new("RGB", (64, 64), (n % 255, 80, 160)).save(server / "in" / f"{n}.png")
     python = venv_python(VENVS, read_module(MODULE))
@@ -149,7 +149,7 @@ def measure(workdir: Path, count: int, pickup_samples: int) -> dict[str, Any]:
         inserts = []
         for n in range(count):
             began = time.perf_counter()
-            _insert(database, f"run-{n}", _params(n))
+            insert_api_row(database, f"run-{n}", _params(n))
             inserts.append(1000 * (time.perf_counter() - began))
         rows = _wait_done(database, "run-", count)
         elapsed_ms = max(done for _, done in rows) - min(started for started, _ in rows)
@@ -157,7 +157,7 @@ def measure(workdir: Path, count: int, pickup_samples: int) -> dict[str, Any]:
         waits = []
         for n in range(pickup_samples):
             time.sleep(0.05)
-            created = _insert(database, f"pick-{n}", _params(n % count))
+            created = insert_api_row(database, f"pick-{n}", _params(n % count))
             started = _wait_done(database, f"pick-{n}", 1)[0][0]
             waits.append(float(started - created))
     finally:
