@@ -198,14 +198,20 @@ def test_dot_dot_traversal_is_refused(base: Path, imaging: Worker) -> None:
     assert not (base / "outside" / "written.png").exists()
 
 
-def test_absolute_paths_outside_are_refused(base: Path, imaging: Worker) -> None:
-    data = base / "imaging"
-    secret = base / "outside" / "secret.png"
-    message = error_of(data, "image_resize", resize(input_paths=[str(secret)]))
-    assert message.startswith(f"parameter input_paths[0] '{secret}' resolves to {secret}, outside"), message
-    message = error_of(data, "image_resize", resize(output_paths=[str(base / "outside" / "abs.png")]))
+def refused_read_error(data: Path, input_path: str, output_path: str, created: Path) -> str:
+    """The error of a job reading ``input_path``, once one writing ``output_path`` was refused
+    (naming CL_SERVER_DIR) without creating ``created``."""
+    message = error_of(data, "image_resize", resize(output_paths=[output_path]))
     assert "outside CL_SERVER_DIR" in message
-    assert not (base / "outside" / "abs.png").exists()
+    assert not created.exists()
+    return error_of(data, "image_resize", resize(input_paths=[input_path]))
+
+
+def test_absolute_paths_outside_are_refused(base: Path, imaging: Worker) -> None:
+    secret = base / "outside" / "secret.png"
+    written = base / "outside" / "abs.png"
+    message = refused_read_error(base / "imaging", str(secret), str(written), written)
+    assert message.startswith(f"parameter input_paths[0] '{secret}' resolves to {secret}, outside"), message
 
 
 def test_a_symlinked_folder_in_the_middle_of_a_path_is_followed_and_refused(
@@ -214,11 +220,9 @@ def test_a_symlinked_folder_in_the_middle_of_a_path_is_followed_and_refused(
     data = base / "imaging"
     (data / "albums").mkdir(exist_ok=True)
     (data / "albums" / "shared").symlink_to(base / "outside")
-    message = error_of(data, "image_resize", resize(input_paths=["albums/shared/secret.png"]))
+    created = base / "outside" / "deep"
+    message = refused_read_error(data, "albums/shared/secret.png", "albums/shared/deep/new.png", created)
     assert f"resolves to {base / 'outside' / 'secret.png'}, outside CL_SERVER_DIR" in message, message
-    message = error_of(data, "image_resize", resize(output_paths=["albums/shared/deep/new.png"]))
-    assert "outside CL_SERVER_DIR" in message
-    assert not (base / "outside" / "deep").exists()
 
 
 def test_an_output_path_through_a_symlink_pointing_outside_creates_nothing(
