@@ -11,7 +11,9 @@ is already loaded, as it is under ``celery -A cl_tasks flower``) adds:
   ``STARTED`` with its ``progress`` (Celery's event state would turn our
   ``task-progress`` events into a custom state ``PROGRESS``, which Flower's
   Started filter misses and whose page has no Terminate button), and a
-  finished one shows 100 (succeeded) or no progress (failed, revoked).
+  finished one shows 100 (succeeded) or no progress (failed, revoked);
+* the Result column in Flower's task list by default, where a running job's
+  progress shows (``progress 40%``) beside its state.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from kombu.connection import Connection
 from cl_tasks.queues import queue_depths
 
 _installed = False
+#: Flower's task list columns: its default plus ``result`` (where a running job's progress shows).
+TASKS_COLUMNS = "name,uuid,state,result,received,runtime,worker"
 
 #: States after which a task's progress events are late news (they change nothing).
 _OVER = frozenset({*states.READY_STATES, states.REJECTED})
@@ -95,8 +99,10 @@ def install() -> None:
     if _installed or "flower.utils.broker" not in sys.modules:
         return
     import flower.events as flower_events  # noqa: PLC0415 - optional: the ``flower`` extra
+    import flower.options  # noqa: F401, PLC0415 - optional; defines tasks_columns
     import flower.utils.broker as flower_broker  # noqa: PLC0415 - optional: the ``flower`` extra
     import flower.views as flower_views  # noqa: PLC0415 - optional: the ``flower`` extra
+    from tornado.options import options  # noqa: PLC0415 - optional: Flower's dependency
 
     original = flower_broker.Broker
 
@@ -109,4 +115,8 @@ def install() -> None:
     flower_broker.Broker = Broker
     flower_views.Broker = Broker
     flower_events.EventsState.Task = JobTask
+    # A new default (FLOWER_TASKS_COLUMNS, flowerconfig.py and --tasks_columns still win,
+    # being read after the app is loaded): the Result column, so a running job's progress
+    # stands beside its STARTED state in the task list.
+    options.tasks_columns = TASKS_COLUMNS
     _installed = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -138,6 +139,7 @@ def terminate_in_the_browser(flower: str, database: Database, running: str, tmp_
             "the running job, and only started ones, under the Started filter",
         )
         assert len(shown) == 1, shown
+        assert re.search(r"STARTEDprogress [0-9.]+%", shown[0]), shown  # its progress beside its state
         browser.screenshot(ARTIFACTS / "flower-tasks-started.png")
         # Its page says STARTED, shows the progress and has a Terminate button; pressing it stops the job
         browser.open(f"{flower}/task/{running}")
