@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from celery import Task, signals
+from celery import Task, signals, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -128,7 +128,13 @@ class Leases:
 
 
 class Progress:
-    """Throttled progress: jobs.progress, Celery state PROGRESS and a task-progress event."""
+    """Throttled progress: jobs.progress, Celery state STARTED with it, and a task-progress event.
+
+    A running job's result state is Celery's own ``STARTED`` (so Flower, ``celery
+    inspect`` and clients treat it as running: Flower's Started filter, its
+    Terminate button); its meta is Celery's STARTED meta (``pid``, ``hostname``)
+    plus ``job_id`` and ``progress``, which ``AsyncResult.info`` returns.
+    """
 
     def __init__(self, task: Task, store: JobStore, owner: str) -> None:
         self._task, self._store, self._owner = task, store, owner
@@ -145,7 +151,8 @@ class Progress:
         job_id = self._task.request.id
         try:
             self._store.set_progress(job_id, self._owner, int(progress))
-            self._task.update_state(state="PROGRESS", meta={"job_id": job_id, "progress": progress})
+            meta = {"pid": os.getpid(), "hostname": self._task.request.hostname, "job_id": job_id}
+            self._task.update_state(state=states.STARTED, meta={**meta, "progress": progress})
         except (DatabaseFull, SQLAlchemyError) as exc:
             # Progress is a hint: the job goes on; its end is what must be written.
             logger.warning("progress %.0f%% of job %s not recorded: %s", progress, job_id, exc)

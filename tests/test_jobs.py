@@ -202,7 +202,7 @@ def test_progress_reaches_the_row_and_the_celery_state(
         "seen = []\n"
         "while not r.ready():\n"
         "    meta = r.backend.get_task_meta(r.id)\n"
-        "    if meta['status'] == 'PROGRESS':\n"
+        "    if meta['status'] == 'STARTED':\n"
         "        seen.append((meta['result']['progress'], job_store().get(r.id).progress))\n"
         "    time.sleep(0.1)\n"
         "print(json.dumps(seen))\n"

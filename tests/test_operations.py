@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import socket
 import subprocess
 import time
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.chromium import Chromium
 from tests.conftest import (
     PYTHON,
     ROOT,
@@ -75,74 +76,83 @@ def submit(env: dict[str, str], task: str, params: dict[str, Any]) -> str:
 
 
 def test_flower_shows_workers_tasks_progress_and_queue_depth(
-    jobs_env: dict[str, str], flower: str, start_worker: StartWorker
+    jobs_env: dict[str, str], flower: str, start_worker: StartWorker, database: Database, tmp_path: Path
 ) -> None:
     worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "1")
     # /api/workers lists our worker with its queue
     workers = wait_until(lambda: get_json(f"{flower}/api/workers?refresh=1").get(NODE), what="worker listed")
     assert [queue["name"] for queue in workers["active_queues"]] == ["ledger_echo"]
-    # A finished job shows as SUCCESS
-    done = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt"})
-    wait_until(
-        lambda: get_json(f"{flower}/api/tasks").get(done, {}).get("state") == "SUCCESS", what="SUCCESS"
+    # A finished job shows as SUCCESS with progress 100 (not the last progress it reported)
+    done = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 3, "seconds": 0.6})
+    finished = wait_until(
+        lambda: (t := get_json(f"{flower}/api/tasks").get(done, {})).get("state") == "SUCCESS" and t,
+        what="SUCCESS",
     )
-    # A running job shows PROGRESS with its progress; the others wait in the queue
+    assert finished["progress"] == 100
+    # A running job shows STARTED with its progress beside it; the others wait in the queue
     running = submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 40, "seconds": 0.5})
     for _ in range(4):
         submit(jobs_env, "ledger_echo", {"ledger_path": "l.txt", "steps": 40, "seconds": 0.5})
     task = wait_until(
         lambda: (
-            (t := get_json(f"{flower}/api/tasks").get(running, {})).get("state") == "PROGRESS"
+            (t := get_json(f"{flower}/api/tasks").get(running, {})).get("state") == "STARTED"
             and 0 < (t.get("progress") or 0) < 100
             and t
         ),
-        what="PROGRESS with progress",
+        what="STARTED with progress",
     )
     assert task["name"] == "ledger_echo" and task["worker"] == NODE
+    assert str(task["result"]).startswith("progress ") and str(task["result"]).endswith("%")
     info = get_json(f"{flower}/api/task/info/{running}")
     assert info["uuid"] == running and "ledger_path" in info["kwargs"]
     # /api/queues/length shows the depth of the queue the test filled
     queues = get_json(f"{flower}/api/queues/length")["active_queues"]
     depth = {queue["name"]: queue["messages"] for queue in queues}
     assert depth["ledger_echo"] >= 2, queues
-    # The browser views: dashboard and tasks page in headless Chromium, with screenshots
-    dashboard = browse(f"{flower}/", ARTIFACTS / "flower-dashboard.png")
-    assert NODE in dashboard
-    tasks_page = browse(f"{flower}/tasks", ARTIFACTS / "flower-tasks.png")
-    assert running in tasks_page or done in tasks_page
+    # In headless Chromium: the dashboard, the Started filter, the task page's Terminate button
+    terminate_in_the_browser(flower, database, running, tmp_path)
+    # Then Flower shows it REVOKED, without the progress it had
+    revoked = wait_until(
+        lambda: (t := get_json(f"{flower}/api/tasks").get(running, {})).get("state") == "REVOKED" and t,
+        what="REVOKED in Flower",
+    )
+    assert revoked["progress"] is None
     worker.kill()
 
 
-def browse(url: str, screenshot: Path) -> str:
-    """The DOM of ``url`` after its scripts ran, in headless Chromium; saves a screenshot."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is not installed (scripts/test.sh installs it)"
-    screenshot.parent.mkdir(exist_ok=True)
-    profile = screenshot.parent / f"chromium-profile-{uuid.uuid4().hex[:6]}"
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=6000",
-        "--window-size=1400,900",
-    ]
+def terminate_in_the_browser(flower: str, database: Database, running: str, tmp_path: Path) -> None:
+    """Dashboard; Started filter -> the running job; its page -> Terminate; the row ends error "revoked"."""
+    browser = Chromium(tmp_path)
     try:
-        subprocess.run(
-            [chromium, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120
+        browser.open(f"{flower}/")
+        browser.wait_for(
+            f"document.body.innerText.includes({json.dumps(NODE)})", "the worker on the dashboard"
         )
-        dom = subprocess.run(
-            [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+        browser.screenshot(ARTIFACTS / "flower-dashboard.png")
+        # The tasks page's Started filter lists the running job, and only started ones
+        browser.open(f"{flower}/tasks")
+        browser.click("button.task-state-filter[data-task-state='STARTED']")
+        rows = "Array.from(document.querySelectorAll('#tasks-table tbody tr'), row => row.textContent)"
+        shown = browser.wait_for(
+            f"(rows => rows.some(row => row.includes({json.dumps(running)}))"
+            f" && rows.every(row => row.includes('STARTED')) && rows)({rows})",
+            "the running job, and only started ones, under the Started filter",
         )
+        assert len(shown) == 1, shown
+        assert re.search(r"STARTEDprogress [0-9.]+%", shown[0]), shown  # its progress beside its state
+        browser.screenshot(ARTIFACTS / "flower-tasks-started.png")
+        # Its page says STARTED, shows the progress and has a Terminate button; pressing it stops the job
+        browser.open(f"{flower}/task/{running}")
+        page = browser.evaluate("document.body.innerText")
+        assert "STARTED" in page and "Progress" in page, page
+        browser.screenshot(ARTIFACTS / "flower-task-started.png")
+        browser.click("#task-terminate")
+        browser.wait_for("document.getElementById('task-terminate').disabled", "Flower took the revoke")
     finally:
-        shutil.rmtree(profile, ignore_errors=True)
-    assert screenshot.exists() and screenshot.stat().st_size > 1000
-    return dom.stdout
+        browser.close()
+    row = wait_for_job(database, running, timeout=60)
+    assert row["status"] == "error"
+    assert row["error_message"] == "revoked: terminated with SIGTERM while running"
 
 
 def celery(env: dict[str, str], *args: str) -> str:

@@ -242,3 +242,51 @@ def test_bindings_are_shared_between_connections(connect: Connect, unique: Names
     publish(connect(), "routed", exchange.name, "k")
     # Then the first connection receives it
     assert drain(bound, expect=1) == ["routed"]
+
+
+def consumer_count(connect: Connect, queue: Queue, expect: int) -> int:
+    """Live consumers of ``queue`` by a passive declare, once there are ``expect`` (or 3 s passed)."""
+
+    def count() -> int:
+        return int(queue(connect().channel()).queue_declare(passive=True).consumer_count)
+
+    poll(lambda: count() == expect, 3, every=0.02)
+    return count()
+
+
+def test_auto_delete_queue_lives_until_its_last_consumer_goes(connect: Connect, unique: Names) -> None:
+    # Given an auto-delete queue with four messages, consumed on two connections (one each at a time)
+    exchange = Exchange(unique("ad"), "direct")
+    queue = Queue(unique("q"), exchange, "k", auto_delete=True)
+    first, second = connect(), connect()
+    declared(first, queue)
+    for n in range(4):
+        publish(first, n, exchange, "k")
+    ready_count(declared(first, queue), 4)
+    received: list[Any] = []
+    leaving = first.Consumer([queue], callbacks=[lambda body, msg: None], prefetch_count=1)
+    staying = second.Consumer(
+        [queue], callbacks=[lambda body, msg: (received.append(body), msg.ack())], prefetch_count=1
+    )
+    leaving.consume()
+    staying.consume()
+    assert consumer_count(connect, queue, 2) == 2
+    # When the first consumer is cancelled and its connection closed
+    leaving.cancel()
+    first.release()
+    # Then the queue, its binding and its messages are still there for the other consumer
+    assert consumer_count(connect, queue, 1) == 1
+    publish(connect(), 4, exchange, "k")
+    drain_until(second, lambda: len(received) >= 5, what="the survivor received every message")
+    assert sorted(received) == [0, 1, 2, 3, 4]
+    # When the last consumer goes, Then the queue is deleted
+    staying.cancel()
+
+    def gone() -> bool:
+        try:
+            queue(connect().channel()).queue_declare(passive=True)
+        except connect().channel_errors:
+            return True
+        return False
+
+    assert poll(gone, 3, every=0.05), "the auto-delete queue outlived its last consumer"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kombu import Connection, Exchange, Producer, Queue
 
-from tests.support import PYTHON, subprocess_env, wait_until
+from tests.support import PYTHON, drain_until, subprocess_env, wait_until
 
 
 def start_consumer(url: str, queue: str, out: Path, *mode: str) -> subprocess.Popen[bytes]:
@@ -109,3 +109,45 @@ def test_a_live_consumer_keeps_its_messages_past_the_visibility_timeout(
     assert stolen == []
     with Connection(url) as conn:
         assert queue(conn.channel()).get() is None
+
+
+CONSUME_UNTIL_STDIN_CLOSES = """
+import sys, transports
+from kombu import Connection, Exchange, Queue
+url, name = sys.argv[1:3]
+with Connection(url) as conn:
+    conn.Consumer([Queue(name, Exchange(name, "direct"), name, auto_delete=True)], callbacks=[]).consume()
+    print("consuming", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_auto_delete_queue_outlives_another_process_consumer(sqlite_url: str) -> None:
+    # Given an auto-delete queue consumed by another process and by this one
+    queue = Queue("shared", Exchange("shared", "direct"), "shared", auto_delete=True)
+    other = subprocess.Popen(
+        [PYTHON, "-c", CONSUME_UNTIL_STDIN_CLOSES, sqlite_url, "shared"],
+        env=subprocess_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert other.stdout is not None and other.stdout.readline() == "consuming\n"
+    received: list[str] = []
+    with Connection(sqlite_url) as conn:
+        mine = conn.Consumer(
+            [queue], callbacks=[lambda body, message: (received.append(body), message.ack())]
+        )
+        mine.consume()
+        channel = conn.channel()
+        assert queue(channel).queue_declare(passive=True).consumer_count == 2
+        # When the other process stops consuming and exits
+        other.communicate("", timeout=30)
+        assert other.returncode == 0
+        # Then the queue and its binding stay for this consumer
+        assert queue(channel).queue_declare(passive=True).consumer_count == 1
+        Producer(channel).publish("still routed", exchange="shared", routing_key="shared")
+        drain_until(conn, lambda: received == ["still routed"])
+        # And once this last consumer goes, so does the queue
+        mine.cancel()
+        assert not channel.store.has_queue("shared")

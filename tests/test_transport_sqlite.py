@@ -473,6 +473,23 @@ def test_sweep_removes_expired_messages_and_queues(sqlite_url: str) -> None:
     assert count(db_path(sqlite_url), "SELECT count(*) FROM kombu_binding") == 0
 
 
+def test_sweep_removes_auto_delete_queues_whose_last_consumer_died(sqlite_url: str) -> None:
+    # Given two auto-delete queues whose consumer rows of a dead process ran out; one has a live one too
+    store = Store(db_path(sqlite_url))
+    for name in ("orphaned", "consumed"):
+        store.declare_queue(name, message_ttl=None, expires=None, auto_delete=True)
+        store.bind(name, "ex", name)
+        store.add_consumer(name, "dead-process", "tag", ttl=0.05)
+    store.add_consumer("consumed", "live-process", "tag", ttl=60)
+    time.sleep(0.2)  # the scenario: past the dead process's consumer rows (0.05 s)
+    # Then the dead consumers are not counted, and the sweep drops the queue nobody consumes
+    assert (store.consumer_count("orphaned"), store.consumer_count("consumed")) == (0, 1)
+    store.sweep(dead_letter_retention=3600)
+    assert query(db_path(sqlite_url), "SELECT name FROM kombu_queue") == [{"name": "consumed"}]
+    assert query(db_path(sqlite_url), "SELECT queue FROM kombu_binding") == [{"queue": "consumed"}]
+    assert count(db_path(sqlite_url), "SELECT count(*) FROM kombu_consumer") == 1
+
+
 def test_wal_stays_bounded_through_20000_messages(sqlite_url: str) -> None:
     # Given a publisher process writing 20,000 messages while we consume them
     script = (

@@ -12,6 +12,9 @@ Features
 * Supports Priority: 0-9, higher first, FIFO within a priority
 * Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
   ``expiration``
+* Auto-delete queues: deleted when their last consumer, in any process, is
+  cancelled (or its process died: after ``CONSUMER_TTL``), as on RabbitMQ; a
+  passive ``queue_declare`` reports the live consumers of every process
 * Delivery: at least once. A claim is one ``BEGIN IMMEDIATE`` transaction that
   leases rows to the consumer; ack deletes the row (acks made while a batch is
   delivered, or in Celery's event loop, are deleted together, in the next
@@ -117,6 +120,9 @@ COMMIT_SETTLE_PAUSES = (0.0002, 0.0003, 0.001, 0.0)
 ACK_WAIT = 0.05
 #: Seconds between runs of the lease keeper at most (it runs more often for short leases).
 KEEPER_MAX_TICK = 1.0
+#: Seconds a consumer's row outlives its process's last sign of life (renewed every quarter
+#: of it): after a crash its auto-delete queues go, and passive declares stop counting it.
+CONSUMER_TTL = 20.0
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,7 @@ class Channel(virtual.Channel):
         self._no_ack_queues: set[str] = set()
         self._next_extend = 0.0
         self._next_touch = 0.0
+        self._next_heartbeat = time.time() + CONSUMER_TTL / 4
         self._rotation = 0
         #: Numbers deliveries, so a row delivered again gets a new delivery tag.
         self._deliveries = itertools.count()
@@ -302,7 +309,7 @@ class Channel(virtual.Channel):
                 expires=_milliseconds(arguments, "x-expires"),
                 auto_delete=bool(kwargs.get("auto_delete")),
             )
-        return queue_declare_ok_t(name, self.store.size(name), 0)
+        return queue_declare_ok_t(name, self.store.size(name), self.store.consumer_count(name))
 
     def queue_delete(
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
@@ -383,17 +390,24 @@ class Channel(virtual.Channel):
         self._queue_callbacks[queue] = on_claimed
         self._consumers.add(consumer_tag)
         self._reset_cycle()
+        self.store.add_consumer(queue, self.owner, consumer_tag, ttl=CONSUMER_TTL)
         self.connection.keeper.register(self)
 
     def basic_cancel(self, consumer_tag: str) -> None:
+        """Cancel a consumer; its auto-delete queue goes only if no other consumer, anywhere, is left."""
         queue = self._tag_to_queue.get(consumer_tag)
+        consuming = consumer_tag in self._consumers
         super().basic_cancel(consumer_tag)
-        if queue is None or queue in self._active_queues:
+        if queue is None or not consuming:
             return
-        self._queue_callbacks.pop(queue, None)
-        self._no_ack_queues.discard(queue)
-        if self.store.is_auto_delete(queue):
-            self.store.delete_queue(queue)
+        if queue not in self._active_queues:
+            self._queue_callbacks.pop(queue, None)
+            self._no_ack_queues.discard(queue)
+        try:
+            self.store.remove_consumer(queue, self.owner, consumer_tag)
+        except sqlite3.Error as exc:
+            # The row runs out after CONSUMER_TTL; the sweep then does what this would have.
+            logger.warning("SQLite broker: cancelling the consumer of %r not recorded yet: %s", queue, exc)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> SQLiteMessage | None:
         """Claim one message; dead-lettered ones are skipped, so None means the queue is empty."""
@@ -584,6 +598,9 @@ class Channel(virtual.Channel):
         if now >= self._next_touch and self._active_queues:
             touch_every = self.store.touch_queues(self._active_queues)
             self._next_touch = now + touch_every
+        if now >= self._next_heartbeat and self._consumers:
+            self.store.keep_consumers(self.owner, CONSUMER_TTL)
+            self._next_heartbeat = now + CONSUMER_TTL / 4
         self.store.sweep_if_due(
             interval=options.sweep_interval, dead_letter_retention=options.dead_letter_retention
         )

@@ -14,6 +14,13 @@ Tables:
     expiry while a consumer holds it. ``lease_owner`` names that consumer.
 ``{p}queue``, ``{p}exchange``, ``{p}binding``
     Declared entities and routing, shared by every process on the file.
+``{p}consumer``
+    Who consumes which queue: one row per consumer tag of a channel, kept alive
+    by its process (``alive_until``). An auto-delete queue is deleted when its
+    last consumer, in any process, is cancelled, or when the row of the last
+    one runs out because its process died (as RabbitMQ deletes it when the last
+    consumer goes, connection loss included). Passive declares report the
+    live consumers.
 ``{p}dead_letter``
     Messages that could not be decoded or were rejected without requeue, with
     the reason, kept for ``dead_letter_retention`` seconds.
@@ -71,6 +78,13 @@ SCHEMA = (
         queue TEXT NOT NULL,
         PRIMARY KEY (exchange, routing_key, queue)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS {p}binding_queue ON {p}binding (queue)",
+    """CREATE TABLE IF NOT EXISTS {p}consumer (
+        queue TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        alive_until REAL NOT NULL,
+        PRIMARY KEY (queue, owner, tag)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS {p}consumer_owner ON {p}consumer (owner)",
     """CREATE TABLE IF NOT EXISTS {p}dead_letter (
         id INTEGER PRIMARY KEY,
         queue TEXT NOT NULL,
@@ -150,6 +164,17 @@ EXPIRED_QUEUES = "SELECT name FROM {p}queue WHERE expires IS NOT NULL AND last_u
 DELETE_QUEUE_MESSAGES = "DELETE FROM {p}message WHERE queue = ?"
 DELETE_QUEUE_BINDINGS = "DELETE FROM {p}binding WHERE queue = ?"
 DELETE_QUEUE = "DELETE FROM {p}queue WHERE name = ?"
+DELETE_QUEUE_CONSUMERS = "DELETE FROM {p}consumer WHERE queue = ?"
+ADD_CONSUMER = (
+    "INSERT INTO {p}consumer (queue, owner, tag, alive_until) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (queue, owner, tag) DO UPDATE SET alive_until = excluded.alive_until"
+)
+REMOVE_CONSUMER = "DELETE FROM {p}consumer WHERE queue = ? AND owner = ? AND tag = ?"
+KEEP_CONSUMERS = "UPDATE {p}consumer SET alive_until = ? WHERE owner = ?"
+LIVE_CONSUMERS = "SELECT count(*) FROM {p}consumer WHERE queue = ? AND alive_until > ?"
+# Queues that lose their last live consumer when the dead ones' rows go.
+DEAD_CONSUMER_QUEUES = "SELECT DISTINCT queue FROM {p}consumer WHERE alive_until <= ?"
+SWEEP_CONSUMERS = "DELETE FROM {p}consumer WHERE alive_until <= ?"
 DECLARE_EXCHANGE = (
     "INSERT INTO {p}exchange (name, type, durable, auto_delete) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (name) DO NOTHING"
@@ -592,16 +617,43 @@ class Store:
             self._drop_queue(conn, name)
 
     def _drop_queue(self, conn: sqlite3.Connection, name: str) -> None:
-        for statement in (DELETE_QUEUE_MESSAGES, DELETE_QUEUE_BINDINGS, DELETE_QUEUE):
+        for statement in (DELETE_QUEUE_MESSAGES, DELETE_QUEUE_BINDINGS, DELETE_QUEUE_CONSUMERS, DELETE_QUEUE):
             conn.execute(self.sql(statement), (name,))
+
+    def _drop_if_unconsumed(self, conn: sqlite3.Connection, name: str, now: float) -> bool:
+        """Drop auto-delete queue ``name`` if no live consumer is left; whether it was dropped."""
+        auto_delete = conn.execute(self.sql(QUEUE_AUTO_DELETE), (name,)).fetchone()
+        if not (auto_delete and auto_delete[0]):
+            return False
+        if conn.execute(self.sql(LIVE_CONSUMERS), (name, now)).fetchone()[0]:
+            return False
+        self._drop_queue(conn, name)
+        return True
 
     def has_queue(self, name: str) -> bool:
         query = self.sql(QUEUE_EXISTS)
         return self.conn.execute(query, {"name": name, "now": time.time()}).fetchone() is not None
 
-    def is_auto_delete(self, name: str) -> bool:
-        row = self.conn.execute(self.sql(QUEUE_AUTO_DELETE), (name,)).fetchone()
-        return bool(row and row[0])
+    # -- consumers ------------------------------------------------------------
+
+    def add_consumer(self, queue: str, owner: str, tag: str, *, ttl: float) -> None:
+        """Record that ``owner``'s consumer ``tag`` consumes ``queue`` (alive for ``ttl`` s)."""
+        self._write(ADD_CONSUMER, (queue, owner, tag, time.time() + ttl))
+
+    def remove_consumer(self, queue: str, owner: str, tag: str) -> bool:
+        """Forget one consumer; an auto-delete queue left without live ones is dropped (True)."""
+        with self.transaction() as conn:
+            conn.execute(self.sql(REMOVE_CONSUMER), (queue, owner, tag))
+            return self._drop_if_unconsumed(conn, queue, time.time())
+
+    def keep_consumers(self, owner: str, ttl: float) -> None:
+        """Push back the expiry of every consumer row of ``owner`` (its process lives)."""
+        self._write(KEEP_CONSUMERS, (time.time() + ttl, owner))
+
+    def consumer_count(self, queue: str) -> int:
+        """Live consumers of ``queue``, in every process."""
+        row = self.conn.execute(self.sql(LIVE_CONSUMERS), (queue, time.time())).fetchone()
+        return int(row[0])
 
     def delete_queue(self, name: str) -> None:
         with self.transaction() as conn:
@@ -667,13 +719,19 @@ class Store:
             self.sweep(dead_letter_retention=dead_letter_retention)
 
     def sweep(self, *, dead_letter_retention: float) -> int:
-        """Delete expired messages, expired queues and old dead letters; checkpoint the WAL."""
+        """Delete expired messages and queues, dead consumers, old dead letters; checkpoint the WAL.
+
+        An auto-delete queue whose last consumer died (its row ran out) goes too.
+        """
         now = time.time()
         with self.transaction() as conn:
             removed = conn.execute(self.sql(SWEEP_MESSAGES), (now,)).rowcount
             for (name,) in conn.execute(self.sql(EXPIRED_QUEUES), (now,)).fetchall():
                 self._drop_queue(conn, name)
                 removed += 1
+            orphaned = conn.execute(self.sql(DEAD_CONSUMER_QUEUES), (now,)).fetchall()
+            conn.execute(self.sql(SWEEP_CONSUMERS), (now,))
+            removed += sum(self._drop_if_unconsumed(conn, name, now) for (name,) in orphaned)
             conn.execute(self.sql(SWEEP_DEAD_LETTERS), (now - dead_letter_retention,))
         self._bound_wal()
         return removed
