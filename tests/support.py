@@ -189,7 +189,12 @@ def _engine(database: Database) -> Engine:
 
 
 def insert_job(
-    database: Database, job_id: str, task_type: str, params: object, era: str = WORKER_TEST_ERA, **columns: object
+    database: Database,
+    job_id: str,
+    task_type: str,
+    params: object,
+    era: str = WORKER_TEST_ERA,
+    **columns: object,
 ) -> None:
     """INSERT a queued job row with plain SQL, as the API service of era ``era`` does."""
     values = api_schema.api_row(job_id, task_type, params, era, **columns)
