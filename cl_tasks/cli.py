@@ -20,7 +20,8 @@ command takes ``--json`` for scripts (except ``worker``). Help never reads the
 settings, so it works whatever the environment holds. Errors (a bad setting, a
 bad option, an unknown job) are one line on stderr, ``cl-tasks: error: …``, with
 exit code 2; a job that ends ``error`` under ``--wait`` exits 1; a reader that
-goes away (``| head -1``) ends the command quietly (exit 1).
+goes away (``| head -1``) ends the command quietly (exit 1: rich's handling for
+tables, click's for plain lines).
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+from kombu.exceptions import OperationalError as BrokerError
 from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
 from cl_tasks.app import app
-from cl_tasks.jobs import job_store
+from cl_tasks.jobs import JobRowError, job_store
+from cl_tasks.jobs_table import JobsTableError, JobsTableMissing
+from cl_tasks.messages import JobParamsTooLarge
 from cl_tasks.modules import discover
 from cl_tasks.mqtt import clear_retained
 from cl_tasks.queues import queue_depths
@@ -52,6 +57,10 @@ FOLLOW_EVERY = 0.2
 EXIT_INTERRUPTED = 130
 #: Job statuses ``cl-tasks jobs --status`` takes.
 STATUSES = ("queued", "processing", "completed", "error")
+
+
+#: Errors of what cl-tasks works with, each shown as one line (not a traceback), exit code 2.
+WORLD_ERRORS = (JobsTableError, JobRowError, JobParamsTooLarge, SQLAlchemyError, BrokerError, OSError)
 
 
 class CommandError(click.ClickException):
@@ -337,6 +346,19 @@ def _usage_hint(exc: click.ClickException) -> str:
     return f" (see `{context.command_path} --help`)" if isinstance(exc, click.UsageError) and context else ""
 
 
+def _world_error(exc: BaseException) -> str:
+    """One line for a database, broker or file error: its first line, with what to do if known."""
+    if isinstance(exc, JobsTableMissing):
+        return f"{exc}; the API service creates it, or the first job submitted (`cl-tasks submit`)"
+    detail = getattr(exc, "orig", None) or exc  # SQLAlchemy's wrapper: the driver's own message
+    first = (str(detail).strip().splitlines() or [type(detail).__name__])[0]
+    if isinstance(exc, SQLAlchemyError):
+        return f"the jobs database ({current().database_url.split('@')[-1]}) failed: {first}"
+    if isinstance(exc, BrokerError):
+        return f"the broker ({current().broker_url.split('@')[-1]}) failed: {first}"
+    return first
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cl-tasks``: the exit code (0 ok, 1 job failed, 2 user error, 130 Ctrl-C)."""
     try:
@@ -344,14 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args=None if argv is None else list(argv), prog_name="cl-tasks", standalone_mode=False
         )
     except click.ClickException as exc:  # SettingsError, CommandError, click's usage errors
-        _error(exc.format_message() + _usage_hint(exc))
+        _error(exc.format_message().rstrip(".") + _usage_hint(exc))
         return exc.exit_code
     except click.Abort:  # Ctrl-C outside `submit --wait`
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`cl-tasks jobs --json | head -1`): stop quietly, as rich does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except WORLD_ERRORS as exc:
+        _error(_world_error(exc))
+        return CommandError.exit_code
     return result if isinstance(result, int) else 0
 
 

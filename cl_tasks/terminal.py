@@ -8,8 +8,8 @@ progress is one plain line per change (``progress 40%``), which scripts and logs
 can read. ``NO_COLOR`` turns colour off on a terminal too (rich honours it).
 
 A reader that goes away (``cl-tasks jobs | head -1``) ends the command quietly:
-rich sends the rest of the output to ``/dev/null`` and exits 1, and
-:func:`cl_tasks.cli.main` does the same for plain lines.
+rich sends the rest of the output to ``/dev/null`` and exits 1, and click
+(which runs every command) does the same for plain lines.
 """
 
 from __future__ import annotations
