@@ -70,7 +70,7 @@ class Terminal:
             table.add_column(header, no_wrap=not self.tty)
         for row in rows:
             table.add_row(*row)
-        self.console.print(table)
+        self._print(table)
 
     def fields(self, rows: Sequence[tuple[str, str | Text]]) -> None:
         """``name  value`` lines, names right-aligned (one job's columns)."""
@@ -79,7 +79,17 @@ class Terminal:
         grid.add_column(no_wrap=not self.tty)
         for name, value in rows:
             grid.add_row(name, value)
-        self.console.print(grid)
+        self._print(grid)
+
+    def _print(self, renderable: Table) -> None:
+        if self.tty:
+            self.console.print(renderable)
+            return
+        # Off a terminal rich pads every line to the table's width: drop that padding.
+        with self.console.capture() as captured:
+            self.console.print(renderable)
+        for line in captured.get().splitlines():
+            self.line(line.rstrip())
 
     @contextmanager
     def progress(self, label: str) -> Iterator[ProgressUpdate]:
