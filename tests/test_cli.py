@@ -11,6 +11,7 @@ import os
 import pty
 import select
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -271,3 +272,25 @@ def test_a_bad_input_job_logs_one_line_and_a_retry_its_reason(
     # And the retry says why
     retries = [line for line in log.splitlines() if "crashes" in line and "retry" in line.lower()]
     assert retries and all("exited with code 3" in line for line in retries), retries
+
+
+def test_errors_of_the_database_are_one_line(tmp_path: Path) -> None:
+    # Given a database file without the API's jobs table, and a PostgreSQL nobody listens on
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sqlite3.connect(empty / "media_store.db").close()
+    no_table = compute_env(empty)
+    unreachable = {
+        **compute_env(tmp_path / "data"),
+        "DATABASE_URL": "postgresql://root@127.0.0.1:9/nothing",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:9/0",
+    }
+    # Then each command says what failed in one line, exit code 2
+    for env, said in (
+        (no_table, "cl-tasks: error: there is no jobs table in sqlite:///"),
+        (unreachable, "cl-tasks: error: the jobs database (127.0.0.1:9/nothing) failed: "),
+    ):
+        for command in (["jobs"], ["job", "x"], ["queues"]):
+            result = cl_tasks(env, *command)
+            assert result.returncode == 2 and result.stderr.startswith(said), result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
