@@ -6,7 +6,7 @@ Importing the package loads each concern's module; each connects the Celery
 signals of its own concern (see docs/design.md for which module owns what).
 """
 
-from cl_tasks import execution, intake, nodes, presence  # noqa: F401 - connect their signal handlers
+from cl_tasks import execution, intake, nodes, presence, startup  # noqa: F401 - connect their signal handlers
 from cl_tasks.app import app
 from cl_tasks.tasks import image_conversion, image_resize, submit_job
 

@@ -21,18 +21,14 @@ Intake, whose rows exist already, publishes through :meth:`App.publish_job`
 (step 3 only; it marks its batches itself).
 Other tasks are published as Celery does.
 
-When a worker starts (not at import, and not in clients), ``CL_SERVER_DIR`` is
-created with owner-only rights if it is missing, and the SQLite database file
-with mode 0600, so the embedded default works on a fresh machine. A client
-(``.delay``, ``cl-tasks submit``) never creates them: on a missing folder the
-broker names the path and the fix. A ``DATABASE_URL`` outside
-``CL_SERVER_DIR`` is never created either. At shutdown the consumer is woken
-at once, so it does not sit out its drain timeout.
+The worker program is :class:`cl_tasks.startup.Worker` (it prepares
+``CL_SERVER_DIR`` and says in its banner where the jobs are). At shutdown the
+consumer is woken at once, so it does not sit out its drain timeout.
 """
 
 from __future__ import annotations
 
-import os
+from functools import cached_property
 from typing import Any
 
 from celery import Celery, signals
@@ -71,6 +67,11 @@ class App(Celery):  # type: ignore[misc]
         store.mark_published([task_id])
         return result
 
+    @cached_property
+    def Worker(self) -> Any:
+        """Celery's worker program, with cl_tasks' start-up notes (:mod:`cl_tasks.startup`)."""
+        return self.subclass_with_self("cl_tasks.startup:Worker")
+
     def publish_job(
         self, job_id: str, task_type: str, params: dict[str, Any], priority: int | None
     ) -> AsyncResult:
@@ -84,17 +85,6 @@ app.conf.task_routes = ("cl_tasks.tasks.route",)
 app.conf.worker_consumer = "cl_tasks.messages:Consumer"
 # Under `celery -A cl_tasks flower`, Flower is loaded before the app: teach it our broker.
 flower_support.install()
-
-
-@signals.celeryd_init.connect
-def prepare_server_dir(**_: Any) -> None:
-    """Create ``CL_SERVER_DIR`` (0700) and the SQLite database (0600) when a worker starts."""
-    settings = current()
-    settings.server_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    database = settings.sqlite_path
-    if database is not None and database.parent.is_dir() and not database.exists():
-        # Owner-only from the start, whichever of broker and result backend opens it first.
-        os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 @signals.worker_shutting_down.connect

@@ -189,6 +189,11 @@ class Engine:
             raise Ignore()
         if claim.outcome == "busy":
             # Another live worker holds it: wait for as long as it lives (ComputeTask.max_retries is None).
+            logger.info(
+                "job %s: another live worker holds it; retried when its lease would end (in %.1f s)",
+                job_id,
+                claim.retry_in,
+            )
             raise task.retry(countdown=claim.retry_in + 0.5)
         assert claim.job is not None
         hooks.job_progress.send(sender=task.name, job_id=job_id, progress=0.0)

@@ -16,9 +16,13 @@ A module is a folder with a ``pyproject.toml`` that declares what it runs::
 Its virtualenv lives in ``COMPUTE_VENV_DIR/<module>`` and is built on first
 use: exactly once even when several worker processes start together (an
 ``fcntl`` lock on ``<module>.lock``), and again when the module's
-``pyproject.toml`` changes (its hash is kept in the venv). ``uv`` is used when
-it is on ``PATH`` (much faster), otherwise ``venv`` + ``pip``. A module without
-dependencies gets a venv without pip. Folders are created owner-only.
+``pyproject.toml`` changes (its hash is kept in the venv). The venv is built
+with ``uv`` (a dependency of cl_tasks: the binary its Python package installed
+beside this interpreter, found with ``uv.find_uv_bin()`` whether or not
+``.venv/bin`` is on ``PATH``; else a ``uv`` on ``PATH``): about a second instead
+of ~16 s per module with ``venv`` + ``pip``, which remain the fallback when no
+``uv`` binary can be found. A module without dependencies gets a venv without pip.
+Folders are created owner-only.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from uv import find_uv_bin
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +159,16 @@ def venv_python(venv_dir: Path, module: Module) -> Path:
     return python
 
 
+def uv_binary() -> str | None:
+    """The ``uv`` executable: the ``uv`` package's beside this Python, else one on ``PATH``."""
+    try:
+        return str(find_uv_bin())
+    except FileNotFoundError:  # a uv package without its binary (an unusual install)
+        return shutil.which("uv")
+
+
 def _build(venv: Path, module: Module) -> None:
-    uv = shutil.which("uv")
+    uv = uv_binary()
     python = str(venv / "bin" / "python")
     if uv:
         _check([uv, "venv", "--python", sys.executable, str(venv)])

@@ -7,6 +7,11 @@ the caller: :meth:`Publisher.publish` only queues. A Last Will, when given, is s
 before the first connect and kept for every reconnect; ``on_connect`` runs after
 every (re)connect so the caller can announce its state again. Credentials are
 never logged.
+
+An outage is logged once, not once per retry: the first failed attempt (broker
+unreachable, or refusing us) or the lost connection is one WARNING naming
+``host:port``, and the connection that ends it one INFO line; the attempts in
+between are counted (:attr:`Publisher.failed_attempts`), not logged.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -102,11 +108,15 @@ class Publisher:
         self._on_connect = on_connect
         self._connected = threading.Event()
         self._closing = False
+        #: Failed connection attempts since the start or the last connection.
+        self.failed_attempts = 0
+        self._outage_logged = False
         client_id = f"cl_tasks-{role}-{socket.gethostname()}-{os.getpid()}"
         self._client = _new_client(settings, client_id)
         if will_topic is not None:
             self._client.will_set(will_topic, payload=b"", qos=1, retain=True)
         self._client.on_connect = self._connected_cb
+        self._client.on_connect_fail = self._connect_failed_cb
         self._client.on_disconnect = self._disconnected_cb
         self._client.connect_async(settings.host, settings.port, keepalive=KEEPALIVE)
         self._client.loop_start()
@@ -115,18 +125,37 @@ class Publisher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def where(self) -> str:
+        return f"{self._settings.host}:{self._settings.port}"
+
+    def _outage(self, message: str) -> None:
+        """Log the start of an outage, once (see the module docstring)."""
+        self.failed_attempts += 1
+        if not self._outage_logged:
+            self._outage_logged = True
+            logger.warning("%s", message)
+
+    def _connect_failed_cb(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` block: the error is the one being handled.
+        error = sys.exc_info()[1]
+        reason = f" ({type(error).__name__}: {error})" if error is not None else ""
+        self._outage(
+            f"MQTT broker {self.where} unreachable{reason}; job events and capabilities are kept"
+            f" (up to {MAX_QUEUED}) and sent when it answers; retrying in the background"
+        )
+
     def _connected_cb(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             hint = " (check MQTT_USERNAME/MQTT_PASSWORD)" if self._settings.username else ""
-            logger.error(
-                "MQTT broker %s:%s refused the connection: %s%s; retrying in the background",
-                self._settings.host,
-                self._settings.port,
-                reason,
-                hint,
+            self._outage(
+                f"MQTT broker {self.where} refused the connection: {reason}{hint}; retrying in the background"
             )
             return
-        logger.info("MQTT connected to %s:%s", self._settings.host, self._settings.port)
+        after = f" after {self.failed_attempts} failed attempt(s)" if self.failed_attempts else ""
+        logger.info("MQTT connected to %s%s", self.where, after)
+        self.failed_attempts = 0
+        self._outage_logged = False
         self._connected.set()
         if self._on_connect is not None:
             try:
@@ -138,12 +167,8 @@ class Publisher:
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         if self._connected.is_set() and not self._closing:
-            logger.warning(
-                "MQTT connection to %s:%s lost (%s); reconnecting",
-                self._settings.host,
-                self._settings.port,
-                reason,
-            )
+            self._outage_logged = True
+            logger.warning("MQTT connection to %s lost (%s); reconnecting", self.where, reason)
         self._connected.clear()
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> paho.MQTTMessageInfo | None:

@@ -1,7 +1,12 @@
 """Environment variables -> one frozen :class:`Settings`, validated at start.
 
 This is the only module that reads ``os.environ``; ``celeryconfig.py`` calls
-:func:`load` once. A bad value raises :class:`SettingsError` naming the variable.
+:func:`load` once. A bad value raises :class:`SettingsError` naming the variable
+and what to set it to. :class:`SettingsError` is also a ``click.ClickException``
+(click is Celery's own CLI library): under any click command, ``cl-tasks`` and
+``celery -A cl_tasks …`` alike, it ends the command with that one line on stderr
+(:data:`ERROR_PREFIX` + the message) and exit code 2, never a traceback, wherever
+Celery first reads its configuration.
 
 Defaults (decided here, documented in the README):
 
@@ -48,7 +53,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
+
+import click
 
 #: Folder used when ``CL_SERVER_DIR`` is not set (relative to the working directory).
 DEFAULT_SERVER_DIR = "data"
@@ -74,8 +81,21 @@ BUNDLED_MODULES_DIR = Path(__file__).resolve().parent.parent / "compute_modules"
 _N = TypeVar("_N", int, float)
 
 
-class SettingsError(ValueError):
-    """Raised when an environment variable has a value cl_tasks cannot use."""
+#: What every one-line error of cl_tasks starts with, from ``cl-tasks`` and ``celery -A cl_tasks``.
+ERROR_PREFIX = "cl-tasks: error: "
+
+
+class SettingsError(ValueError, click.ClickException):
+    """Raised when an environment variable has a value cl_tasks cannot use (exit code 2 in a CLI)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        click.ClickException.__init__(self, message)
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """One line on stderr (or ``file``): :data:`ERROR_PREFIX` and the message."""
+        click.echo(f"{ERROR_PREFIX}{self.message}", file=file, err=file is None)
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the settings from ``environ`` (``os.environ`` by default)."""
     env = os.environ if environ is None else environ
     server_dir = Path(env.get("CL_SERVER_DIR") or DEFAULT_SERVER_DIR).absolute()
+    if server_dir.is_file():
+        raise SettingsError(
+            f"CL_SERVER_DIR={str(server_dir)!r} is a file, not a folder;"
+            " set CL_SERVER_DIR to the folder that holds media_store.db"
+        )
     database_url = env.get("DATABASE_URL") or f"sqlite:///{server_dir / DATABASE_FILE}"
     database = sqlite_path(database_url)
     if database_url.startswith("sqlite") and database is None:
@@ -210,7 +235,10 @@ def _mqtt(env: Mapping[str, str]) -> MqttSettings:
         raise SettingsError(f"MQTT_PORT={raw_port!r} must be a port number (1-65535)")
     ca_file = env.get("MQTT_CA_FILE") or None
     if ca_file is not None and not Path(ca_file).is_file():
-        raise SettingsError(f"MQTT_CA_FILE={ca_file!r} is not a readable file")
+        raise SettingsError(
+            f"MQTT_CA_FILE={ca_file!r} is not a readable file; set it to the broker's CA file (PEM),"
+            " or unset it to use the system CAs"
+        )
     events_topic = env.get("MQTT_TOPIC") or "inference/events"
     prefix = (env.get("CAPABILITY_TOPIC_PREFIX") or "inference/workers").rstrip("/")
     for name, topic in (("MQTT_TOPIC", events_topic), ("CAPABILITY_TOPIC_PREFIX", prefix)):

@@ -31,6 +31,9 @@ class ComputeTask(Task):  # type: ignore[misc]
     """Base of every compute task."""
 
     typing = False
+    #: A job that ends ``error`` (bad input, a runner's own error) is expected: Celery logs it in
+    #: one line (``raised expected: JobError(...)``), not with a traceback; a bug keeps its traceback.
+    throws = (JobError,)
     acks_late = True
     reject_on_worker_lost = True
     #: Waiting for a live holder of the job is unbounded (Celery's default would end it after 3);

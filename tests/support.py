@@ -379,10 +379,22 @@ class LoggedProcess:
     """A subprocess in its own process group, writing its log to ``log``."""
 
     def __init__(
-        self, command: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None
+        self,
+        command: Sequence[str],
+        env: dict[str, str],
+        log: Path,
+        cwd: Path | None = None,
+        *,
+        output: Path | None = None,
     ) -> None:
+        """``output``: the file its stdout and stderr go to (a worker's banner); else inherited."""
         self.log = log
-        self.process = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True)
+        stream = None if output is None else output.open("wb")
+        self.process = subprocess.Popen(
+            command, env=env, cwd=cwd, start_new_session=True, stdout=stream, stderr=stream
+        )
+        if stream is not None:
+            stream.close()
 
     def text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
@@ -428,10 +440,11 @@ class Worker(LoggedProcess):
         app: str = "cl_tasks",
         gossip: bool = False,
         prefix: Sequence[str] = (),
+        output: Path | None = None,
     ) -> None:
         flags = ["--without-mingle", *([] if gossip else ["--without-gossip"])]
         command = [PYTHON, "-m", "celery", "-A", app, "worker", "-l", "info", "--logfile", str(log), *flags]
-        super().__init__([*prefix, *command, *args], env, log)
+        super().__init__([*prefix, *command, *args], env, log, output=output)
 
 
 #: The ``start_worker`` fixture: ``start_worker(env, *celery_args, name="w1", ready=True)``.
