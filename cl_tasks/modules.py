@@ -159,6 +159,10 @@ def venv_python(venv_dir: Path, module: Module) -> Path:
     return python
 
 
+#: uv's cache, beside the venvs (unless ``UV_CACHE_DIR`` is set).
+UV_CACHE = ".uv-cache"
+
+
 def uv_binary() -> str | None:
     """The ``uv`` executable: the ``uv`` package's beside this Python, else one on ``PATH``."""
     try:
@@ -171,9 +175,12 @@ def _build(venv: Path, module: Module) -> None:
     uv = uv_binary()
     python = str(venv / "bin" / "python")
     if uv:
-        _check([uv, "venv", "--python", sys.executable, str(venv)])
+        # uv caches under $HOME by default; a worker's user may have no writable home (a
+        # systemd user, or root's HOME kept by runuser): the venv folder is ours to write.
+        env = {**os.environ, "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR") or str(venv.parent / UV_CACHE)}
+        _check([uv, "venv", "--python", sys.executable, str(venv)], env)
         if module.dependencies:
-            _check([uv, "pip", "install", "--python", python, *module.dependencies])
+            _check([uv, "pip", "install", "--python", python, *module.dependencies], env)
     elif module.dependencies:
         _check([sys.executable, "-m", "venv", str(venv)])
         _check(
@@ -184,5 +191,5 @@ def _build(venv: Path, module: Module) -> None:
     os.chmod(venv, 0o700)
 
 
-def _check(command: list[str]) -> None:
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+def _check(command: list[str], env: dict[str, str] | None = None) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT, env=env)
