@@ -182,11 +182,32 @@ def measure(workdir: Path, seconds: float) -> dict[str, Any]:
         phases["busy, after the reader"] = _phase(database, seconds, load)
         wal_at_end = load.wal.stat().st_size if load.wal.exists() else 0
         jobs_run = load.jobs
+        completed = _completed_load_jobs(database)
+        if completed < BACKLOG:
+            # A worker that runs nothing (say, its module's venv failed to build) would
+            # make the "busy" phases idle ones: refuse the run rather than record it.
+            log = (server / "worker.log").read_text()[-2000:]
+            raise RuntimeError(f"the busy worker completed {completed} load jobs; its log ends:\n{log}")
     finally:
         load.stop.set()
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
-    return {"seconds": seconds, "phases": phases, "wal_at_end_bytes": wal_at_end, "load_jobs": jobs_run}
+    return {
+        "seconds": seconds,
+        "phases": phases,
+        "wal_at_end_bytes": wal_at_end,
+        "load_jobs": jobs_run,
+        "load_jobs_completed": completed,
+    }
+
+
+def _completed_load_jobs(database: Path) -> int:
+    conn = sqlite3.connect(database, timeout=API_BUSY_TIMEOUT)
+    try:
+        row = conn.execute("SELECT count(*) FROM jobs WHERE job_id LIKE 'load-%' AND status = 'completed'")
+        return int(row.fetchone()[0])
+    finally:
+        conn.close()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -210,7 +231,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"-wal at the end: {result['wal_at_end_bytes'] / 1e6:.2f} MB (bound {WAL_BOUND / 1e6:.1f} MB);"
-        f" load jobs inserted: {result['load_jobs']}"
+        f" load jobs inserted: {result['load_jobs']}, completed: {result['load_jobs_completed']}"
     )
     return "\n".join(lines)
 
