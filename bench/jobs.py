@@ -70,7 +70,7 @@ def _wait_done(database: Path, prefix: str, count: int, timeout: float = 600) ->
     raise RuntimeError(f"only {len(rows)} of {count} {prefix} jobs ended")
 
 
-def _start_worker(server: Path) -> subprocess.Popen[bytes]:
+def _start_worker(server: Path, concurrency: int = 2) -> subprocess.Popen[bytes]:
     log = server / "worker.log"
     env = {
         # The caller's environment for what building module venvs needs (a custom CA in
@@ -93,7 +93,7 @@ def _start_worker(server: Path) -> subprocess.Popen[bytes]:
             "-Q",
             "image_resize",
             "-c",
-            "2",
+            str(concurrency),
             "-l",
             "info",
             "--logfile",
