@@ -287,7 +287,7 @@ def test_an_empty_claim_writes_nothing(sqlite_url: str) -> None:
     observer = sqlite3.connect(db_path(sqlite_url))
     store.declare_queue("idle", message_ttl=None, expires=None, auto_delete=False)
     version = observer.execute("PRAGMA data_version").fetchone()
-    assert store.claim("idle", owner="me", limit=5, lease=10) == []
+    assert store.claim(["idle"], owner="me", limit=5, lease=10) == []
     assert observer.execute("PRAGMA data_version").fetchone() == version
 
 
@@ -315,11 +315,11 @@ def test_waiting_acks_go_in_the_next_claims_transaction(sqlite_url: str) -> None
     store.declare_queue("q", message_ttl=None, expires=None, auto_delete=False)
     for n in range(5):
         store.put("", "q", {"properties": {}, "body": n}, priority=0, expires_at=None)
-    first = store.claim("q", owner="me", limit=3, lease=30)
-    taken_by_other = store.claim("q", owner="other", limit=1, lease=30)
+    first = store.claim(["q"], owner="me", limit=3, lease=30)
+    taken_by_other = store.claim(["q"], owner="other", limit=1, lease=30)
     before = store.local_writes
     acked, claimed = store.ack_and_claim(
-        [m.row_id for m in first] + [taken_by_other[0].row_id], "q", owner="me", limit=5, lease=30
+        [m.row_id for m in first] + [taken_by_other[0].row_id], ["q"], owner="me", limit=5, lease=30
     )
     assert store.local_writes - before == 1
     assert acked == 3  # only our own rows: the other consumer's lease is untouched
