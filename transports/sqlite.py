@@ -11,7 +11,13 @@ Features
   :meth:`Channel.routes` lets a publisher ask first
 * Supports Priority: 0-9, higher first, FIFO within a priority
 * Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
-  ``expiration``
+  ``expiration``. A Celery task's ``expires`` is not a broker TTL: Celery copies
+  it into ``expiration``, but dropping the message would leave the caller's
+  ``result.get()`` waiting for ever (only a worker that receives an expired
+  task stores its ``REVOKED`` result). So a task message (headers ``task`` and
+  ``expires``) is dropped ``expired_task_grace`` after its expiration; until
+  then a worker busy or stopped at its expiry still receives it, and revokes it
+  without running it.
 * Auto-delete queues: deleted when their last consumer, in any process, is
   cancelled (or its process died: after ``CONSUMER_TTL``), as on RabbitMQ; a
   passive ``queue_declare`` reports the live consumers of every process
@@ -79,6 +85,9 @@ string wins, being the more specific place):
 * ``sweep_interval`` (30.0): seconds between sweeps of expired messages and
   queues and old dead letters.
 * ``dead_letter_retention`` (604800.0, a week): seconds dead letters are kept.
+* ``expired_task_grace`` (86400.0, a day): seconds a Celery task message past
+  its ``expires`` stays deliverable, so that a worker receives it and stores
+  its ``REVOKED`` result (see *Supports TTL*).
 """
 
 from __future__ import annotations
@@ -138,6 +147,7 @@ class Options:
     wal_size_limit: int = 4 * 1024 * 1024
     sweep_interval: float = 30.0
     dead_letter_retention: float = 7 * 24 * 3600.0
+    expired_task_grace: float = 24 * 3600.0
 
     @classmethod
     def parse(cls, given: dict[str, Any]) -> Options:
@@ -343,15 +353,32 @@ class Channel(virtual.Channel):
     def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> int:
         """Route and store ``message`` in one transaction; returns the number of queues."""
         self._inplace_augment_message(message, exchange, routing_key)
-        expiration = message["properties"].get("expiration")
-        expires_at = time.time() + float(expiration) / 1000.0 if expiration is not None else None
         return self.store.put(
             exchange or "",
             routing_key or "",
             message,
             priority=self._get_message_priority(message),
-            expires_at=expires_at,
+            expires_at=self._broker_expiry(message),
         )
+
+    def _broker_expiry(self, message: dict[str, Any]) -> float | None:
+        """When the broker drops ``message`` unread: its ``expiration`` property, if any.
+
+        Celery copies a task's ``expires`` into ``expiration``, but the caller of an
+        expired task waits for its ``REVOKED`` result, which only a worker that
+        receives the message stores. So a Celery task message (headers ``task`` and
+        ``expires``) stays deliverable for ``expired_task_grace`` seconds more: a
+        worker busy or stopped at its expiry still receives it and revokes it (it
+        never runs). A queue's ``x-message-ttl`` applies to every message as it is.
+        """
+        expiration = message["properties"].get("expiration")
+        if expiration is None:
+            return None
+        expires_at = time.time() + float(expiration) / 1000.0
+        headers = message.get("headers") or {}
+        if headers.get("task") and headers.get("expires"):
+            expires_at += self.options.expired_task_grace
+        return expires_at
 
     def routes(self, exchange: str, routing_key: str) -> bool:
         """Whether a message to ``exchange`` with ``routing_key`` would reach a queue now.
