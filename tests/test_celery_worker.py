@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from celery.signals import before_task_publish
 
 from tests.support import Worker, capture_events, run_celery, subprocess_env, wait_until
 
@@ -114,6 +115,16 @@ def test_a_task_that_expires_while_it_waits_in_the_broker_ends_revoked(
         expiring.get(timeout=20)
     assert expiring.state == "REVOKED"
     assert control.get(timeout=20) == 4
+
+
+def test_apply_async_with_a_property_that_is_not_json_runs_the_task(
+    sample_app: Celery, celery_worker: Worker
+) -> None:
+    # Given a client passing a Python object as an extra option (it becomes a message
+    # property, as the handler in Celery's suite passes the publishing Signal on)
+    add = sample_app.signature("apps.sample_tasks.add", (2, 3))
+    # When it applies the task, Then the publish succeeds and the task runs
+    assert add.apply_async(signal=before_task_publish).get(timeout=20) == 5
 
 
 def test_inspect_ping_status_and_control(celery_worker: Worker, worker_env: dict[str, str]) -> None:

@@ -92,7 +92,9 @@ string wins, being the more specific place):
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import logging
 import os
 import socket
@@ -351,8 +353,29 @@ class Channel(virtual.Channel):
     # -- publishing -------------------------------------------------------------
 
     def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> int:
-        """Route and store ``message`` in one transaction; returns the number of queues."""
+        """Route and store ``message`` in one transaction; returns the number of queues.
+
+        A message is stored as JSON. A property that is not JSON (a Python object
+        passed to ``Producer.publish``) is dropped, with one warning per property
+        name: AMQP carries none but its own properties either, so the publish
+        succeeds as on RabbitMQ. A header that is not JSON is refused to the
+        caller with a ``TypeError`` naming it (RabbitMQ refuses a header it cannot
+        encode too); nothing is stored then.
+        """
         self._inplace_augment_message(message, exchange, routing_key)
+        try:
+            return self._route_and_store(message, exchange, routing_key)
+        except TypeError:
+            _drop_foreign_properties(message["properties"])
+        try:
+            return self._route_and_store(message, exchange, routing_key)
+        except TypeError as exc:
+            raise TypeError(
+                f"SQLite broker: cannot publish to {exchange!r}/{routing_key!r}: {_not_json(message)};"
+                " pass only JSON values (str, numbers, lists, dicts) in headers"
+            ) from exc
+
+    def _route_and_store(self, message: dict[str, Any], exchange: str, routing_key: str) -> int:
         return self.store.put(
             exchange or "",
             routing_key or "",
@@ -689,6 +712,45 @@ def _binding(
 ) -> tuple[str, str, str]:
     """(queue, exchange, routing key) of a kombu ``queue_bind``/``queue_unbind`` call."""
     return queue, exchange or "amq.direct", routing_key or ""
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _drop_foreign_properties(properties: dict[str, Any]) -> None:
+    """Remove the properties whose value is not JSON (see :meth:`Channel.basic_publish`)."""
+    for name, value in list(properties.items()):
+        if not _is_json(value):
+            del properties[name]
+            _warn_dropped_property(name, type(value).__name__)
+
+
+@functools.cache
+def _warn_dropped_property(name: str, kind: str) -> None:
+    """Once per property name and type in a process: a caller publishing it does so every time."""
+    logger.warning(
+        "SQLite broker: message property %r (a %s) is not JSON and was dropped, as AMQP drops"
+        " properties it does not define; put the value in the body or a JSON header to send it"
+        " (said once per property)",
+        name,
+        kind,
+    )
+
+
+def _not_json(message: dict[str, Any]) -> str:
+    """What makes ``message`` not JSON, for the error of :meth:`Channel.basic_publish`."""
+    headers = message.get("headers") or {}
+    bad = [
+        f"header {name!r} is a {type(value).__name__}"
+        for name, value in headers.items()
+        if not _is_json(value)
+    ]
+    return ", ".join(bad) or "it is not JSON"
 
 
 def _warn_late_acks(count: int) -> None:
