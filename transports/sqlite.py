@@ -10,6 +10,18 @@ Features
   listens) is dropped after one read, without the write lock;
   :meth:`Channel.routes` lets a publisher ask first
 * Supports Priority: 0-9, higher first, FIFO within a priority
+* Delivery order: what is ready on several queues of one connection (a
+  worker's task queues on one channel, its remote-control queue on another) is
+  delivered in publish order, priority first: the queues of a channel merge as
+  one queue, and a channel claims only what comes before the next message of
+  the connection's other channels (:meth:`Transport.deliver_in_order`). So a
+  ``revoke`` broadcast published before a task reaches the worker first, as on
+  RabbitMQ and Redis. A channel whose prefetch window is full does not hold
+  the others back.
+* Message properties must be JSON, as the whole message is stored as JSON: one
+  that is not (a Python object given to ``Producer.publish``) is dropped with
+  one warning naming it, as AMQP drops properties it does not define; a header
+  that is not JSON makes the publish raise ``TypeError`` naming it.
 * Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
   ``expiration``. A Celery task's ``expires`` is not a broker TTL: Celery copies
   it into ``expiration``, but dropping the message would leave the caller's
