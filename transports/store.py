@@ -135,23 +135,35 @@ HEADS = (
     "SELECT m.queue, m.priority, m.id FROM json_each(:queues) AS q"
     " JOIN {p}message AS m ON m.id = (" + _READY_IN + " LIMIT 1)"
 )
-# The first :limit ready messages of :queues in delivery order that come before the
-# message (:before_priority, :before_id) (no bound when :before_id is NULL). Each queue
-# gives at most :limit rows through its index, so the sort is of a few rows however
-# deep the queues are; the bound filters an ordered list, so what passes is a prefix.
-_CLAIMABLE = (
-    "SELECT id FROM (SELECT m.id, m.priority FROM json_each(:queues) AS q"
-    " JOIN {p}message AS m ON m.id IN (" + _READY_IN + " LIMIT :limit)"
-    " ORDER BY m.priority DESC, m.id LIMIT :limit)"
+# The first :limit ready messages in delivery order that come before the message
+# (:before_priority, :before_id) (no bound when :before_id is NULL); the bound filters
+# an ordered list, so what passes is a prefix of it.
+_BEFORE = (
     " WHERE :before_id IS NULL OR priority > :before_priority"
     " OR (priority = :before_priority AND id < :before_id)"
 )
-CLAIM = (
+# Of one queue (:queue): one index scan, the common case (a worker's task channel).
+_CLAIMABLE_ONE = (
+    "SELECT id FROM (SELECT id, priority FROM {p}message WHERE queue = :queue AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now) ORDER BY priority DESC, id LIMIT :limit)" + _BEFORE
+)
+# Of several queues (:queues, a JSON list), merged: each queue gives at most :limit rows
+# through its index, so the sort is of a few rows however deep the queues are.
+_CLAIMABLE_MERGED = (
+    "SELECT id FROM (SELECT m.id, m.priority FROM json_each(:queues) AS q"
+    " JOIN {p}message AS m ON m.id IN (" + _READY_IN + " LIMIT :limit)"
+    " ORDER BY m.priority DESC, m.id LIMIT :limit)" + _BEFORE
+)
+_CLAIM = (
     "UPDATE {p}message SET visible_at = :lease_until, lease_owner = :owner,"
-    " delivery_count = delivery_count + 1 WHERE id IN (" + _CLAIMABLE + ")"
+    " delivery_count = delivery_count + 1 WHERE id IN ({claimable})"
     " RETURNING id, priority, payload, delivery_count, queue"
 )
-TAKE = "DELETE FROM {p}message WHERE id IN (" + _CLAIMABLE + ") RETURNING id, priority, payload, 1, queue"
+_TAKE = "DELETE FROM {p}message WHERE id IN ({claimable}) RETURNING id, priority, payload, 1, queue"
+_CLAIMABLE_BY_MERGE = ((False, _CLAIMABLE_ONE), (True, _CLAIMABLE_MERGED))
+#: Claim (lease) and take (no-ack: delete) statements, by whether several queues merge.
+CLAIM = {merged: _CLAIM.replace("{claimable}", claimable) for merged, claimable in _CLAIMABLE_BY_MERGE}
+TAKE = {merged: _TAKE.replace("{claimable}", claimable) for merged, claimable in _CLAIMABLE_BY_MERGE}
 ACK = "DELETE FROM {p}message WHERE id = ? AND lease_owner = ?"
 ACK_MANY = "DELETE FROM {p}message WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
 RELEASE = "UPDATE {p}message SET visible_at = 0, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
@@ -253,6 +265,7 @@ def _claim_params(
     before_priority, before_id = before if before is not None else (None, None)
     return {
         "queues": json.dumps(list(queues)),
+        "queue": queues[0] if len(queues) == 1 else None,
         "now": now,
         "limit": limit,
         "owner": owner,
@@ -580,7 +593,8 @@ class Store:
         come back with ``error`` set.
         """
         params = _claim_params(queues, owner, limit, lease, before)
-        rows = self._write(CLAIM if owner else TAKE, params)[0]
+        merged = len(queues) > 1
+        rows = self._write(CLAIM[merged] if owner else TAKE[merged], params)[0]
         return self._claimed(rows)
 
     def ack_and_claim(
@@ -600,7 +614,7 @@ class Store:
         with self.transaction() as conn:
             acked = conn.execute(self.sql(ACK_MANY), (owner, json.dumps(list(ack_ids)))).rowcount
             params = _claim_params(queues, owner, limit, lease, before)
-            rows = conn.execute(self.sql(CLAIM), params).fetchall()
+            rows = conn.execute(self.sql(CLAIM[len(queues) > 1]), params).fetchall()
         return acked, self._claimed(rows)
 
     def _claimed(self, rows: list[Any]) -> list[Claimed]:
