@@ -107,6 +107,7 @@ from kombu.transport.virtual.base import NotEquivalentError
 
 from transports.acks import AckBuffer
 from transports.process import PerProcess
+from transports.replaced import DatabaseGone
 from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Store
 from transports.wakeup import CommitWatch
 
@@ -696,6 +697,8 @@ class LeaseKeeper:
                         channel.upkeep(time.time())
                 except DatabaseFull as exc:
                     logger.error("%s; lease upkeep retries in %.2fs", exc, tick)
+                except DatabaseGone:
+                    pass  # said once by transports.replaced; the upkeep goes on once the file is back
                 except Exception:
                     logger.exception("SQLite broker: lease upkeep failed; retrying in %.2fs", tick)
             time.sleep(tick)
