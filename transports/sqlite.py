@@ -36,6 +36,11 @@ Features
   says to free space. Claims then deliver nothing (no reconnect, so running
   tasks keep their leases), acks and releases are retried by the lease keeper;
   the messages stay in the database and flow again once space is freed.
+* File replaced or deleted: noticed by its inode within 0.5 s of the next use,
+  logged once, and every connection of the process made again with the old
+  file's routing carried over (:mod:`transports.replaced`); while it is missing
+  nothing connects (:class:`~transports.replaced.DatabaseGone`), so no empty
+  file is made in the API's place.
 
 Connection string
 =================
