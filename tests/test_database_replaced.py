@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from tests import support
+from transports.store import Store
 
 TASK = "ledger_echo"
 ERA = "a"
@@ -78,3 +80,27 @@ def test_a_deleted_database_is_waited_for_and_its_remade_file_runs_jobs(
     _an_api_row_runs(database, worker, "after")
     assert worker.text().count(DELETED) == 1
     assert worker.text().count(REPLACED) == 1
+
+
+def test_the_broker_store_reconnects_to_a_replacing_file_with_its_routing(tmp_path: Path) -> None:
+    # Given a broker store on the API's database, with a queue bound
+    database = tmp_path / "media_store.db"
+    support.make_api_database(database, ERA)
+    store = Store(database)
+    store.declare_queue("image_resize", message_ttl=None, expires=None, auto_delete=False)
+    store.bind("image_resize", "image_resize", "image_resize")
+    # When a fresh database replaces the file
+    fresh = tmp_path / "fresh.db"
+    support.make_api_database(fresh, ERA)
+    _remove_database(database)
+    os.replace(fresh, database)
+    # Then the store's next connection is on the new file (the path's inode is looked at
+    # every 0.5 s), with the routing carried over
+
+    def carried_over() -> bool:
+        store.change_token()  # a use of the store: where it looks at the inode
+        return support.count(database, "SELECT count(*) FROM kombu_binding") == 1
+
+    support.wait_until(carried_over, 10, "routing in the new file", ignore=(OperationalError,))
+    assert store.bindings() == [("image_resize", "image_resize", "image_resize")]
+    assert store.routes("image_resize", "image_resize")
