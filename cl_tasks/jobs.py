@@ -155,6 +155,7 @@ class _ProcessEngine:
     """This process's engine, the generation of the file it is on, its DBAPI connections."""
 
     engine: Engine
+    watch: replaced.Watch | None
     generation: int
     connections: list[Any]
 
@@ -183,7 +184,7 @@ class JobStore:
     @property
     def engine(self) -> Engine:
         made = self._engine.get()
-        if self._path is not None and made.generation != replaced.watch(self._path).generation():
+        if made.watch is not None and made.generation != made.watch.generation():
             made = self._reconnect(made)
         return made.engine
 
@@ -238,9 +239,9 @@ class JobStore:
     def _create_engine(self) -> _ProcessEngine:
         url = sqlalchemy_url(self.url)
         connections: list[Any] = []
-        generation = 0
+        watch = None if self._path is None else replaced.watch(self._path)
+        generation = 0 if watch is None else watch.generation()
         if self._path is not None:
-            generation = replaced.watch(self._path).generation()
             engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
             _immediate_transactions(engine, self.synchronous)
             event.listen(
@@ -251,7 +252,7 @@ class JobStore:
             engine = create_engine(url, pool_pre_ping=True)
         # Only our own tables: ``jobs`` is the API's (see cl_tasks.jobs_table, start order).
         create_tables(ours, engine)
-        return _ProcessEngine(engine, generation, connections)
+        return _ProcessEngine(engine, watch, generation, connections)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

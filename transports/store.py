@@ -296,11 +296,12 @@ class _ProcessState:
     ``conns`` holds every connection made, to abandon them when the file is replaced.
     """
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, watch: replaced.Watch) -> None:
         self.threads = threading.local()
         self.schema_ready = False
         self.schema_lock = threading.Lock()
-        self.generation = generation
+        self.watch = watch
+        self.generation = watch.generation()
         self.conns: list[sqlite3.Connection] = []
 
 
@@ -326,9 +327,7 @@ class Store:
         self._synchronous = synchronous.upper()
         self._wal_size_limit = wal_size_limit
         self._wal_path = f"{path}-wal"
-        self._process: PerProcess[_ProcessState] = PerProcess(
-            lambda: _ProcessState(replaced.watch(path).generation())
-        )
+        self._process: PerProcess[_ProcessState] = PerProcess(lambda: _ProcessState(replaced.watch(path)))
         self._sql: dict[str, str] = {}
         self._exchange_types: dict[str, str] = {}
         self._next_sweep = 0.0
@@ -342,7 +341,7 @@ class Store:
     def conn(self) -> sqlite3.Connection:
         """This thread's connection, made on first use, after a fork and when the file was replaced."""
         state = self._process.get()
-        if state.generation != replaced.watch(self.path).generation():
+        if state.generation != state.watch.generation():
             state = self._reconnect(state)
         conn: sqlite3.Connection | None = getattr(state.threads, "conn", None)
         if conn is None:
