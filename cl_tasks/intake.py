@@ -130,8 +130,10 @@ class Intake(threading.Thread):
         self._last_scan = time.monotonic()
         types = list(self._task_types())
         top = self._store.max_id()
-        if after_id and top <= after_id:
+        if after_id and top == after_id:
             return top  # no new row: do not take the write lock for nothing
+        if top < after_id:
+            after_id = 0  # the highest id went down: rows deleted, or a new database file
         while types:
             reserved = self._store.reserve_queued(types, after_id=after_id, limit=BATCH)
             published: list[str] = []

@@ -60,7 +60,8 @@ from cl_tasks.jobs_table import (
     reflect,
 )
 from cl_tasks.jobs_table import metadata as jobs_metadata
-from cl_tasks.settings import current
+from cl_tasks.settings import current, sqlite_path
+from transports import replaced
 from transports.process import PerProcess
 from transports.store import DatabaseFull
 
@@ -149,21 +150,55 @@ def _immediate_transactions(engine: Engine, synchronous: str) -> None:
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+@dataclass
+class _ProcessEngine:
+    """This process's engine, the generation of the file it is on, its DBAPI connections."""
+
+    engine: Engine
+    watch: replaced.Watch | None
+    generation: int
+    connections: list[Any]
+
+
 class JobStore:
-    """The ``jobs`` table at ``url``; one engine per process, made after fork."""
+    """The ``jobs`` table at ``url``; one engine per process, made after fork.
+
+    On SQLite, a database file replaced or deleted and made again under the worker
+    (:mod:`transports.replaced`, which logs it once) gets a new engine: the old one's
+    connections are abandoned (never closed: closing would delete the new file's
+    ``-wal`` by name), the table's layout is reflected again (the new file may be of
+    another era) and our tables are made in the new file.
+    """
 
     def __init__(self, url: str, *, synchronous: str = "NORMAL") -> None:
         self.url = url
         self.synchronous = synchronous
+        self._path = sqlite_path(sqlalchemy_url(url))
         # Pooled connections must never cross a fork: each process makes its own engine.
-        self._engine: PerProcess[Engine] = PerProcess(self._create_engine)
+        self._engine: PerProcess[_ProcessEngine] = PerProcess(self._create_engine)
+        self._reconnect_lock = threading.Lock()
         self._layout: Layout | None = None
         self._layout_lock = threading.Lock()
         self._statements: dict[Any, Any] = {}
 
     @property
     def engine(self) -> Engine:
-        return self._engine.get()
+        made = self._engine.get()
+        if made.watch is not None and made.generation != made.watch.generation():
+            made = self._reconnect(made)
+        return made.engine
+
+    def _reconnect(self, old: _ProcessEngine) -> _ProcessEngine:
+        with self._reconnect_lock:
+            if self._engine.get() is not old:
+                return self._engine.get()
+            for connection in old.connections:
+                replaced.abandon(connection)
+            old.engine.dispose(close=False)
+            self._engine.reset()
+            with self._layout_lock:
+                self._layout, self._statements = None, {}
+            return self._engine.get()
 
     @property
     def layout(self) -> Layout:
@@ -195,16 +230,29 @@ class JobStore:
                 self.engine.url.render_as_string(hide_password=True),
             )
 
-    def _create_engine(self) -> Engine:
+    def _not_while_gone(self, *_: Any) -> None:
+        """No new connection while the file is deleted: SQLite would make an empty one."""
+        assert self._path is not None
+        if replaced.watch(self._path).gone():
+            raise replaced.DatabaseGone(f"{self._path} was deleted; waiting for it")
+
+    def _create_engine(self) -> _ProcessEngine:
         url = sqlalchemy_url(self.url)
-        if url.startswith("sqlite"):
+        connections: list[Any] = []
+        watch = None if self._path is None else replaced.watch(self._path)
+        generation = 0 if watch is None else watch.generation()
+        if self._path is not None:
             engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
             _immediate_transactions(engine, self.synchronous)
+            event.listen(
+                engine, "connect", lambda dbapi_connection, _record: connections.append(dbapi_connection)
+            )
+            event.listen(engine, "do_connect", self._not_while_gone)
         else:
             engine = create_engine(url, pool_pre_ping=True)
         # Only our own tables: ``jobs`` is the API's (see cl_tasks.jobs_table, start order).
         create_tables(ours, engine)
-        return engine
+        return _ProcessEngine(engine, watch, generation, connections)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

@@ -55,7 +55,8 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     """Celery key/value result backend on ``cl_tasks_result``."""
 
     key_t = staticmethod(bytes_to_str)
-    _ready = False
+    #: The engine our result table was made on (a replaced database gets a new one).
+    _ready_on: Any = None
 
     def success_writer(self, task_id: str, output: Any, request: Any) -> Callable[[Connection], Any]:
         """A write of ``task_id``'s SUCCESS document, to run inside another transaction.
@@ -83,9 +84,9 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def _engine(self) -> Any:
         engine = job_store().engine
-        if not self._ready:
+        if self._ready_on is not engine:
             create_tables(metadata, engine)
-            self._ready = True
+            self._ready_on = engine
         return engine
 
     def get(self, key: str) -> str | None:

@@ -16,6 +16,12 @@ Protocol (one JSON object per line, UTF-8):
       {"job_id": "…", "event": "progress", "progress": 50.0}
       {"job_id": "…", "event": "result", "output": {…}}
       {"job_id": "…", "event": "error", "message": "what went wrong, for the user"}
+      {"job_id": "…", "event": "error", "message": "…", "errno": "ENOSPC"}
+
+  An error line may name the ``errno`` (by name) of the OS error behind it. ``ENOSPC``
+  or ``EDQUOT`` means the runner's write failed for lack of space: that is not the
+  job's fault, so the job waits and runs again (:mod:`cl_tasks.diskspace`) instead
+  of ending ``error``. A runner that leaves ``errno`` out gets the plain error.
 
 * **stderr** is the runner's log; it is forwarded to the worker's log.
 * The runner serves jobs until its stdin closes. It is kept warm: one per
@@ -48,6 +54,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cl_tasks.confinement import Confinement
+from cl_tasks.diskspace import DISK_FULL_NAMES
 from cl_tasks.modules import Module
 
 logger = logging.getLogger(__name__)
@@ -69,6 +76,10 @@ class JobError(Exception):
 
 class RunnerCrashed(JobError):
     """The runner died mid-job (crashed or killed): not the job's input, so it is tried again."""
+
+
+class RunnerDiskFull(JobError):
+    """The runner could not write for lack of space (its error line says ``ENOSPC``/``EDQUOT``)."""
 
 
 def _die_with_parent() -> None:
@@ -150,7 +161,10 @@ class Runner:
             elif event == "result":
                 return reply.get("output")
             elif event == "error":
-                raise JobError(str(reply.get("message") or "the runner reported an error without a message"))
+                message = str(reply.get("message") or "the runner reported an error without a message")
+                if reply.get("errno") in DISK_FULL_NAMES:
+                    raise RunnerDiskFull(message)
+                raise JobError(message)
             else:
                 self.kill()
                 raise JobError(

@@ -25,6 +25,10 @@ The worker, not the runner, touches the files a job names (see ``docs/confinemen
    runner may still hold it open) into a temporary name in its destination folder
    (opened safely, created when missing) and renamed into place. A runner killed
    mid-write, or a worker killed mid-copy, leaves the previous output intact.
+6. **A full disk waits.** A copy in or out refused for lack of space (ENOSPC,
+   EDQUOT) removes what it wrote and is tried again after a pause, logged once per
+   wait; a runner whose own write failed so runs the job again after a pause
+   (:mod:`cl_tasks.diskspace`). The job never ends ``error`` for it.
 
 Roles: a parameter whose name contains ``output`` is an output, any other path
 parameter an input. A module may declare others in its pyproject
@@ -44,11 +48,13 @@ import shutil
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cl_tasks.diskspace import SpaceWait, existing_folder, fullest, is_disk_full, when_space
 from cl_tasks.paths import confine, is_path_param
-from cl_tasks.runner import JobError, Runner
+from cl_tasks.runner import JobError, Runner, RunnerDiskFull
 from cl_tasks.settings import Settings, sqlite_path
 
 #: Largest output file a runner may hand back, in bytes.
@@ -124,17 +130,28 @@ class JobFiles:
     """The staging of one job in one scratch folder (``host``, seen as ``inside`` by the runner)."""
 
     def __init__(
-        self, root: Path, host: Path, inside: str, protected: Protected, roles: Mapping[str, str]
+        self,
+        root: Path,
+        host: Path,
+        inside: str,
+        protected: Protected,
+        roles: Mapping[str, str],
+        *,
+        space: SpaceWait | None = None,
     ) -> None:
         self.root, self.host, self.inside = Path(os.path.realpath(root)), host, inside
         self._protected, self._roles = protected, roles
+        self._space = space or SpaceWait("?")
         self._files: list[_File] = []
 
     def stage(self, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with every path replaced by its scratch path; inputs copied in."""
         staged = self._collect(params)
         sacred = self._protected.identities()
-        os.makedirs(self.host, mode=0o700)
+        scratch_parent = existing_folder(str(self.host))
+        when_space(
+            partial(os.makedirs, self.host, mode=0o700), self._space, "a scratch folder", scratch_parent
+        )
         with self._open_root() as root_fd:
             for file in self._files:
                 self._stage_one(root_fd, file, sacred)
@@ -182,9 +199,19 @@ class JobFiles:
         self._files.append(file)
         return f"{self.inside}/{file.inside}"
 
+    def output_folders(self) -> list[str]:
+        """The existing folders the job's outputs go to (``CL_SERVER_DIR`` when it has none)."""
+        folders = [existing_folder(file.resolved) for file in self._files if file.role != "input"]
+        return folders or [str(self.root)]
+
     def _stage_one(self, root_fd: int, file: _File, sacred: _Sacred) -> None:
         scratch = self.host / file.inside
-        scratch.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        when_space(
+            partial(scratch.parent.mkdir, mode=0o700, parents=True, exist_ok=True),
+            self._space,
+            "a scratch folder",
+            str(self.host),
+        )
         if file.role != "input":
             # Refused before the runner starts; checked again when the output is placed.
             with _opened(_existing_folder(root_fd, file, sacred)) as folder:
@@ -197,22 +224,18 @@ class JobFiles:
             _check_name(folder, file, sacred)
             with _opened(_open_file(folder, file, sacred, missing_ok=True)) as source:
                 if source >= 0:
-                    with _opened(os.open(scratch, NEW_FILE_FLAGS, 0o600)) as copy:
-                        _copy(source, copy)
+                    what = f"input {file.resolved} ({file.label}) into the runner's scratch folder"
+                    when_space(partial(_copy_in, source, scratch), self._space, what, str(self.host))
 
     def place_outputs(self) -> None:
         """Move each output the runner wrote into place (temp name + rename), or append it."""
         sacred = self._protected.identities()
         with self._open_root() as root_fd, _opened(os.open(self.host, DIR_FLAGS)) as scratch_fd:
             for file in self._files:
-                if file.role == "input":
-                    continue
-                with _opened(_open_scratch(scratch_fd, file)) as source:
-                    if source < 0:
-                        continue  # the runner made no such output
-                    with _opened(_walk(root_fd, file, file.parts[:-1], sacred, create=True)) as folder:
-                        _check_name(folder, file, sacred)
-                        _place(folder, source, file, sacred)
+                if file.role != "input":
+                    place = partial(_place_one, root_fd, scratch_fd, file, sacred)
+                    what = f"output {file.resolved} ({file.label})"
+                    when_space(place, self._space, what, existing_folder(file.resolved))
 
     def for_output(self, output: Any) -> Any:
         """The runner's result with scratch paths replaced by the paths as given."""
@@ -261,6 +284,28 @@ def _unopenable(file: _File, exc: OSError) -> JobError:
     return JobError(f"parameter {file.label} {file.given!r}: cannot open {file.resolved}: {exc.strerror}")
 
 
+def _copy_in(source: int, scratch: Path) -> None:
+    """Copy an input into the scratch folder; a copy cut short by a full disk is removed."""
+    try:
+        with _opened(os.open(scratch, NEW_FILE_FLAGS, 0o600)) as copy:
+            _copy(source, copy)
+    except OSError as exc:
+        if is_disk_full(exc):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+        raise
+
+
+def _place_one(root_fd: int, scratch_fd: int, file: _File, sacred: _Sacred) -> None:
+    """Put one output the runner wrote in place (nothing when it made none)."""
+    with _opened(_open_scratch(scratch_fd, file)) as source:
+        if source < 0:
+            return
+        with _opened(_walk(root_fd, file, file.parts[:-1], sacred, create=True)) as folder:
+            _check_name(folder, file, sacred)
+            _place(folder, source, file, sacred)
+
+
 def _existing_folder(root_fd: int, file: _File, sacred: _Sacred) -> int:
     """The folder of ``file`` if it exists (-1 if not), walked safely."""
     return _walk(root_fd, file, file.parts[:-1], sacred, create=False, missing_ok=True)
@@ -296,6 +341,8 @@ def _walk(
                 raise _refused(file, "inside the venvs or compute modules folder")
     except OSError as exc:
         os.close(fd)
+        if is_disk_full(exc):
+            raise  # a folder that could not be made: the caller waits for space
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise JobError(
                 f"parameter {file.label} {file.given!r}: a folder of {file.resolved} is a symlink or not a"
@@ -383,7 +430,13 @@ def _place(folder: int, source: int, file: _File, sacred: _Sacred) -> None:
     if file.role == "append":
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with _opened(_checked_target(os.open(name, flags, 0o666, dir_fd=folder), file, sacred)) as target:
-            _copy(source, target)
+            end = os.fstat(target).st_size
+            try:
+                _copy(source, target)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    os.ftruncate(target, end)  # tried again whole: no half-appended copy stays
+                raise
         return
     temporary = f".{name}.{secrets.token_hex(6)}.cl-tasks-tmp"
     try:
@@ -393,6 +446,8 @@ def _place(folder: int, source: int, file: _File, sacred: _Sacred) -> None:
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(temporary, dir_fd=folder)
+        if is_disk_full(exc):
+            raise
         raise JobError(f"cannot write output {file.resolved} ({file.label}): {exc.strerror}") from None
 
 
@@ -440,13 +495,44 @@ def run_job(
     on_progress: Callable[[float], None],
     protected: Protected,
 ) -> Any:
-    """Run one job on ``runner`` with its files staged; returns its output or raises JobError."""
+    """Run one job on ``runner`` with its files staged; returns its output or raises JobError.
+
+    A runner that reports its write failed for lack of space (:class:`RunnerDiskFull`)
+    runs the job again after a pause, with its files staged afresh.
+    """
+    space = SpaceWait(job_id)
     roles = dict(runner.module.path_roles)
-    if runner.scratch is None:
-        checked = JobFiles(runner.root, runner.root, "", protected, roles).check(params)
-        return runner.run(job_id, task_type, checked, on_progress)
+    while True:
+        if runner.scratch is None:
+            files = JobFiles(runner.root, runner.root, "", protected, roles, space=space)
+            checked = files.check(params)
+            try:
+                output = runner.run(job_id, task_type, checked, on_progress)
+            except RunnerDiskFull as exc:
+                space.pause(
+                    f"what its runner writes ({exc})", fullest(files.output_folders()), then="running again"
+                )
+                continue
+            space.went_through()
+            return output
+        try:
+            return _run_staged(runner, job_id, task_type, params, on_progress, protected, roles, space)
+        except RunnerDiskFull as exc:
+            space.pause(f"what its runner writes ({exc})", str(runner.scratch), then="running again")
+
+
+def _run_staged(
+    runner: Runner,
+    job_id: str,
+    task_type: str,
+    params: dict[str, Any],
+    on_progress: Callable[[float], None],
+    protected: Protected,
+    roles: dict[str, str],
+    space: SpaceWait,
+) -> Any:
     host, inside = runner.job_folder()
-    files = JobFiles(runner.root, host, inside, protected, roles)
+    files = JobFiles(runner.root, host, inside, protected, roles, space=space)
     try:
         staged = files.stage(params)
         try:

@@ -54,6 +54,11 @@ Features
   says to free space. Claims then deliver nothing (no reconnect, so running
   tasks keep their leases), acks and releases are retried by the lease keeper;
   the messages stay in the database and flow again once space is freed.
+* File replaced or deleted: noticed by its inode within 0.5 s of the next use,
+  logged once, and every connection of the process made again with the old
+  file's routing carried over (:mod:`transports.replaced`); while it is missing
+  nothing connects (:class:`~transports.replaced.DatabaseGone`), so no empty
+  file is made in the API's place.
 
 Connection string
 =================
@@ -130,6 +135,7 @@ from kombu.transport.virtual.base import NotEquivalentError
 
 from transports.acks import AckBuffer
 from transports.process import PerProcess
+from transports.replaced import DatabaseGone
 from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Place, Store, delivery_key
 from transports.wakeup import CommitWatch
 
@@ -822,6 +828,8 @@ class LeaseKeeper:
                         channel.upkeep(time.time())
                 except DatabaseFull as exc:
                     logger.error("%s; lease upkeep retries in %.2fs", exc, tick)
+                except DatabaseGone:
+                    pass  # said once by transports.replaced; the upkeep goes on once the file is back
                 except Exception:
                     logger.exception("SQLite broker: lease upkeep failed; retrying in %.2fs", tick)
             time.sleep(tick)

@@ -42,6 +42,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
+from transports import replaced
 from transports.process import PerProcess
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,10 @@ DELETE_EXCHANGE_BINDINGS = "DELETE FROM {p}binding WHERE exchange = ?"
 BIND = "INSERT OR IGNORE INTO {p}binding (exchange, routing_key, queue) VALUES (?, ?, ?)"
 UNBIND = "DELETE FROM {p}binding WHERE exchange = ? AND routing_key = ? AND queue = ?"
 BINDINGS = "SELECT queue, exchange, routing_key FROM {p}binding"
+#: Tables carried over to a file that replaced ours (routing and who consumes; not messages).
+ROUTING_TABLES = ("queue", "exchange", "binding", "consumer")
+ROUTING_ROWS = "SELECT * FROM {p}{table}"
+ROUTING_INSERT = "INSERT OR IGNORE INTO {p}{table} VALUES ({marks})"
 TASK_IDS = (
     "SELECT json_extract(payload, '$.headers.id') FROM {p}message"
     " WHERE queue IN (SELECT value FROM json_each(?))"
@@ -344,12 +349,19 @@ def check_path(path: Path) -> None:
 
 
 class _ProcessState:
-    """What a :class:`Store` keeps per process: each thread's connection, the schema made once."""
+    """What a :class:`Store` keeps per process: each thread's connection, the schema made once.
 
-    def __init__(self) -> None:
+    ``generation`` is that of the file the connections are on (:mod:`transports.replaced`);
+    ``conns`` holds every connection made, to abandon them when the file is replaced.
+    """
+
+    def __init__(self, watch: replaced.Watch) -> None:
         self.threads = threading.local()
         self.schema_ready = False
         self.schema_lock = threading.Lock()
+        self.watch = watch
+        self.generation = watch.generation()
+        self.conns: list[sqlite3.Connection] = []
 
 
 class Store:
@@ -374,7 +386,7 @@ class Store:
         self._synchronous = synchronous.upper()
         self._wal_size_limit = wal_size_limit
         self._wal_path = f"{path}-wal"
-        self._process: PerProcess[_ProcessState] = PerProcess(_ProcessState)
+        self._process: PerProcess[_ProcessState] = PerProcess(lambda: _ProcessState(replaced.watch(path)))
         self._sql: dict[str, str] = {}
         self._exchange_types: dict[str, str] = {}
         self._next_sweep = 0.0
@@ -386,14 +398,58 @@ class Store:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """This thread's connection, made on first use and again after a fork."""
-        threads = self._process.get().threads
-        conn: sqlite3.Connection | None = getattr(threads, "conn", None)
+        """This thread's connection, made on first use, after a fork and when the file was replaced."""
+        state = self._process.get()
+        if state.generation != state.watch.generation():
+            state = self._reconnect(state)
+        conn: sqlite3.Connection | None = getattr(state.threads, "conn", None)
         if conn is None:
-            conn = threads.conn = self._connect()
+            conn = state.threads.conn = self._connect()
+            state.conns.append(conn)
         return conn
 
+    def _reconnect(self, old: _ProcessState) -> _ProcessState:
+        """The file was replaced: new connections, with the routing of the old file carried over.
+
+        Queues, exchanges, bindings and consumers live in the file (shared routing), so a
+        new file would route nothing until every process declared again; they are copied
+        from this thread's old connection (the old file stays readable through it).
+        Messages are not: they belonged to the old file's jobs. Old connections are
+        abandoned, never closed (:func:`transports.replaced.abandon` says why).
+        """
+        with old.schema_lock:
+            if self._process.get() is not old:
+                return self._process.get()
+            routing = self._routing(getattr(old.threads, "conn", None))
+            for conn in old.conns:
+                replaced.abandon(conn)
+            self._process.reset()
+            state = self._process.get()
+        if routing:
+            with self.transaction(self.conn) as conn:
+                for table, rows in routing.items():
+                    marks = ", ".join("?" * len(rows[0]))
+                    conn.executemany(ROUTING_INSERT.format(p=self.prefix, table=table, marks=marks), rows)
+        return state
+
+    def _routing(self, conn: sqlite3.Connection | None) -> dict[str, list[Any]]:
+        if conn is None:
+            return {}
+        try:
+            found = {
+                table: conn.execute(ROUTING_ROWS.format(p=self.prefix, table=table)).fetchall()
+                for table in ROUTING_TABLES
+            }
+        except sqlite3.Error as exc:
+            logger.warning(
+                "SQLite broker: the routing of the replaced %s could not be read: %s", self.path, exc
+            )
+            return {}
+        return {table: rows for table, rows in found.items() if rows}
+
     def _connect(self) -> sqlite3.Connection:
+        if replaced.watch(self.path).gone():
+            raise replaced.DatabaseGone(f"SQLite broker: {self.path} was deleted; waiting for it")
         check_path(self.path)
         if not self.path.exists():
             # Owner-only from the start: the file will hold every message.

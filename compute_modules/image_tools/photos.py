@@ -29,12 +29,14 @@ The image engine of the image_tools runner (docs/photos.md says why, with figure
 * **Metadata**: nothing of the input's EXIF, XMP or GPS reaches an output.
 * **Writes** go to a hidden temporary file in the output's folder, then
   ``os.replace``: a killed runner never leaves a half-written output (at most a
-  ``.*.part`` file beside it).
+  ``.*.part`` file beside it). A write refused by the OS names its errno to the
+  worker (``ENOSPC``: the job waits for space and runs again).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
@@ -80,7 +82,16 @@ GIF_TRANSPARENT = 255
 
 
 class PhotoError(Exception):
-    """The image cannot be read or written; the message is for the user."""
+    """The image cannot be read or written; the message is for the user.
+
+    ``errno`` is the name of the OS error behind a failed write (``"ENOSPC"``: the disk
+    is full), which the runner passes on so the worker waits for space instead of
+    failing the job.
+    """
+
+    def __init__(self, message: str, errno_name: str = "") -> None:
+        super().__init__(message)
+        self.errno = errno_name
 
 
 @dataclass
@@ -358,5 +369,8 @@ def write_atomically(image: Image.Image, target: Path, fmt: str, options: dict[s
                     os.unlink(part.name)
                 raise
         os.replace(part.name, target)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "")
+        raise PhotoError(f"cannot write {target} as {fmt}: {exc}", name) from None
+    except (ValueError, KeyError, TypeError) as exc:
         raise PhotoError(f"cannot write {target} as {fmt}: {exc}") from None

@@ -149,7 +149,10 @@ def serve(line: str) -> None:
         if not isinstance(params, dict):
             raise JobFailed("params must be a JSON object")
         emit(job_id=job_id, event="result", output=task(job_id, params))
-    except (JobFailed, photos.PhotoError) as exc:
+    except photos.PhotoError as exc:
+        # errno (e.g. "ENOSPC") tells the worker a full disk, not the job, is at fault.
+        emit(job_id=job_id, event="error", message=str(exc), **({"errno": exc.errno} if exc.errno else {}))
+    except JobFailed as exc:
         emit(job_id=job_id, event="error", message=str(exc))
     except Exception as exc:  # a bug here must not take the warm runner down
         print(f"job {job_id} failed unexpectedly: {exc!r}", file=sys.stderr)

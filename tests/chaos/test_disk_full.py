@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests import support
 
@@ -176,3 +177,104 @@ def test_a_full_disk_loses_nothing_and_the_worker_carries_on_after(
     assert support.count(database, "SELECT count(*) FROM kombu_dead_letter") == 0
     assert worker.process.poll() is None
     print(f"disk full: ran twice {sorted(twice)}; traceback lines in the log: {log.count('Traceback')}")
+
+
+def wait_for_the_wait(
+    database: Path, job_id: str, worker: support.LoggedProcess, where: str, timeout: float
+) -> None:
+    """Wait until the log says ``where``; fail at once if the job ends meanwhile (it did not wait)."""
+
+    def waiting() -> bool:
+        row = support.job_row(database, job_id)
+        assert row["status"] in ("queued", "processing"), f"the job did not wait: {row}"
+        return where in worker.text()
+
+    support.wait_until(waiting, timeout, f"{where!r} in the log", every=0.1)
+
+
+#: Size of the output a job writes to the full disk, in bytes.
+OUTPUT_BYTES = 256 * 1024
+#: Three seconds of work, then an output on the database's disk.
+WRITES_OUTPUT = {**SLOW, "output_path": "out/result.bin", "output_bytes": OUTPUT_BYTES}
+#: Seconds the disk stays full once the job waits: past its first two pauses (1 s, 2 s).
+WAIT_SECONDS = 4.0
+
+
+@pytest.mark.parametrize("confinement", ["on", "off"])
+def test_a_job_whose_output_goes_to_the_full_disk_waits_then_completes(
+    small_disk: Path, start_worker: support.StartWorker, confinement: str
+) -> None:
+    """An output refused with ENOSPC waits (one log line), then is written once space is back.
+
+    Confinement on: the runner writes its scratch folder (the worker's temp folder, not
+    full) and the worker's copy into place waits. Off: the runner's own write fails, it
+    says ``"errno": "ENOSPC"``, and the job runs again after each pause.
+    """
+    database = small_disk / "media_store.db"
+    out = small_disk / "out"
+    out.mkdir()
+    support.make_api_database(database)
+    env = support.compute_env(small_disk, RUNNER_CONFINEMENT=confinement, BROADCAST_TYPE="noop")
+    worker = start_worker(env, "-Q", TASK, "-c", "1")
+    # Given a job at work whose output goes to the database's disk
+    support.insert_job(database, "big-output", TASK, WRITES_OUTPUT)
+    support.wait_until(lambda: support.statuses(database)["processing"] == 1, 60, "the job running")
+    # When the disk fills up before its runner is done
+    filler = fill(small_disk)
+    # Then the worker says once what it cannot write and where to free space, and the job waits
+    said = f"job big-output: cannot write {'output' if confinement == 'on' else 'what its runner writes'}"
+    where = f"the disk is full; free space on the filesystem of {out};"
+    wait_for_the_wait(database, "big-output", worker, where, 30)
+    time.sleep(WAIT_SECONDS)  # the scenario: the disk stays full this long while the job waits
+    log = worker.text()
+    assert said in log
+    assert log.count(where) == 1
+    row = support.job_row(database, "big-output")
+    assert (row["status"], row["error_message"]) == ("processing", None)
+    assert not (out / "result.bin").exists()
+    # And once space is back the job completes with its whole output, and nothing else is left
+    filler.unlink()
+    row = support.wait_for_job(database, "big-output", 60)
+    assert (row["status"], row["error_message"]) == ("completed", None)
+    assert (out / "result.bin").read_bytes() == (b"big-output" * OUTPUT_BYTES)[:OUTPUT_BYTES]
+    assert sorted(path.name for path in out.iterdir()) == ["result.bin"]
+    assert "big-output: output" in worker.text() or "big-output: what its runner writes" in worker.text()
+    assert "written after waiting" in worker.text()
+    assert worker.text().count(where) == 1
+
+
+@pytest.fixture
+def full_output_disk(small_disk: Path) -> Iterator[Path]:
+    """``small_disk/out``: a tmpfs of its own, filled up (the database's disk keeps room)."""
+    out = small_disk / "out"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0777", "tmpfs", str(out)], check=True)
+    try:
+        yield out
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=True)
+
+
+def test_image_tools_says_enospc_and_its_conversion_waits_for_space(
+    small_disk: Path, full_output_disk: Path, start_worker: support.StartWorker
+) -> None:
+    """The image module's own write (confinement off) fails with ENOSPC: the job waits, then completes."""
+    database = small_disk / "media_store.db"
+    support.make_api_database(database)
+    Image.new("RGB", (100, 80), (10, 200, 10)).save(small_disk / "photo.png")
+    env = support.compute_env(small_disk, RUNNER_CONFINEMENT="off", BROADCAST_TYPE="noop")
+    worker = start_worker(env, "-Q", "image_conversion", "-c", "1")
+    # Given an output disk with no room
+    filler = fill(full_output_disk)
+    # When the API asks for a conversion onto it
+    params = {"input_paths": ["photo.png"], "output_paths": ["out/photo.bmp"], "format": "bmp"}
+    support.insert_job(database, "convert", "image_conversion", params)
+    # Then the job waits, saying where to free space
+    where = f"the disk is full; free space on the filesystem of {full_output_disk};"
+    wait_for_the_wait(database, "convert", worker, where, 120)
+    # And once space is back it completes with the image
+    filler.unlink()
+    row = support.wait_for_job(database, "convert", 60)
+    assert (row["status"], row["error_message"]) == ("completed", None)
+    assert (full_output_disk / "photo.bmp").read_bytes()[:2] == b"BM"
+    assert worker.text().count(where) == 1

@@ -1,7 +1,10 @@
 """Test runner (stdlib only).
 
 ledger_echo: appends the job id to params["ledger_path"], reports progress in
-``steps`` steps ``seconds`` apart, returns {"echo": params.get("echo")}.
+``steps`` steps ``seconds`` apart, then, given params["output_path"], writes
+``output_bytes`` bytes (the job id repeated) there through a temporary name and a
+rename; returns {"echo": params.get("echo")}. An OS error of a job becomes its
+error line, with the errno's name (the protocol's "errno": ENOSPC means disk full).
 misbehave: params["mode"] = "garbage" (prints a non-JSON line), "crash" (exits 3),
 "env" (returns the environment it got), "hang" (writes its pid to
 params["pid_path"], then sleeps forever), "write_other_venv" (tries to create a
@@ -30,7 +33,23 @@ def ledger_echo(job_id, params):
     for step in range(1, steps + 1):
         time.sleep(float(params.get("seconds", 0)))
         emit(job_id=job_id, event="progress", progress=100.0 * step / steps)
+    if "output_path" in params:
+        write_atomically(params["output_path"], job_id, int(params.get("output_bytes", 4096)))
     return {"echo": params.get("echo")}
+
+
+def write_atomically(path, job_id, size):
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    part = os.path.join(folder, f".{os.path.basename(path)}.part")
+    try:
+        with open(part, "wb") as out:
+            out.write((job_id.encode() * (size // len(job_id) + 1))[:size])
+        os.replace(part, path)
+    except OSError:
+        if os.path.exists(part):
+            os.unlink(part)
+        raise
 
 
 def try_writes(targets):
@@ -69,4 +88,10 @@ def misbehave(job_id, params):
 for line in sys.stdin:
     spec = json.loads(line)
     task = {"ledger_echo": ledger_echo, "misbehave": misbehave}[spec["task_type"]]
-    emit(job_id=spec["job_id"], event="result", output=task(spec["job_id"], spec["params"]))
+    try:
+        output = task(spec["job_id"], spec["params"])
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "")
+        emit(job_id=spec["job_id"], event="error", message=str(exc), errno=name)
+        continue
+    emit(job_id=spec["job_id"], event="result", output=output)
