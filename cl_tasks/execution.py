@@ -13,7 +13,10 @@ modules, so it also runs in-process in tests. For each delivery of a job:
   written while the disk is full by trying again (the job waits, unacked).
 
 Params past ``JOB_PARAMS_MAX_BYTES`` end ``error`` naming the limit (a message
-from a client with a larger limit). Runners are confined as
+from a client with a larger limit), and so do jobs past ``JOB_MAX_PAIRS`` or
+``JOB_MAX_OUTPUT_PIXELS``, before any work. A job runs under ``JOB_TIME_LIMIT``
+(:mod:`cl_tasks.limits`): past it its runner is killed and replaced, the row ends
+``error`` naming the limit, and the job is not retried (a limit, not a crash). Runners are confined as
 :mod:`cl_tasks.confinement` says and see only their job's files, which
 :mod:`cl_tasks.staging` stages in and out.
 
@@ -276,8 +279,11 @@ class Engine:
         if module is None:
             raise JobError(f"no compute module for task type {task.name} on this worker")
         problem = params_too_large(len(_json(params).encode("utf-8")), settings.job_params_max_bytes)
+        problem = problem or settings.limits.refusal(params)
         if problem:
             raise JobError(problem)
+        # A call's own soft time limit may stop the job sooner (Celery raises SoftTimeLimitExceeded).
+        deadline = settings.limits.deadline()
         try:
             python = venv_python(settings.venv_dir, module)
         except ModuleError as exc:
@@ -285,7 +291,7 @@ class Engine:
         runner = self.runners.get(module, python, settings.server_dir, self.confinement)
         try:
             progress = Progress(task, self.store, owner)
-            return run_job(runner, task.request.id, task.name, params, progress, self.protected)
+            return run_job(runner, task.request.id, task.name, params, progress, self.protected, deadline)
         except JobError:
             if not runner.alive():
                 self.runners.discard(module)

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_tasks.limits import Deadline
 from cl_tasks.paths import confine, is_path_param
 from cl_tasks.runner import JobError, Runner
 from cl_tasks.settings import Settings, sqlite_path
@@ -439,18 +440,23 @@ def run_job(
     params: dict[str, Any],
     on_progress: Callable[[float], None],
     protected: Protected,
+    deadline: Deadline | None = None,
 ) -> Any:
-    """Run one job on ``runner`` with its files staged; returns its output or raises JobError."""
+    """Run one job on ``runner`` with its files staged; returns its output or raises JobError.
+
+    ``deadline`` bounds the runner's part (:meth:`Runner.run`); staging is the worker's
+    own file work, bounded by Celery's hard time limit (:mod:`cl_tasks.limits`).
+    """
     roles = dict(runner.module.path_roles)
     if runner.scratch is None:
         checked = JobFiles(runner.root, runner.root, "", protected, roles).check(params)
-        return runner.run(job_id, task_type, checked, on_progress)
+        return runner.run(job_id, task_type, checked, on_progress, deadline=deadline)
     host, inside = runner.job_folder()
     files = JobFiles(runner.root, host, inside, protected, roles)
     try:
         staged = files.stage(params)
         try:
-            output = runner.run(job_id, task_type, staged, on_progress, root=inside)
+            output = runner.run(job_id, task_type, staged, on_progress, root=inside, deadline=deadline)
         except JobError as exc:
             # Same kind (a crashed runner stays retryable), host paths in the message.
             raise type(exc)(files.for_message(str(exc))) from None
