@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from celery import Task, signals, states
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 
 from cl_tasks import hooks
@@ -47,6 +47,7 @@ from cl_tasks.catalog import compute_modules, is_compute
 from cl_tasks.confinement import detect
 from cl_tasks.jobs import Job, JobStore, job_store
 from cl_tasks.jobs_table import API_DEFAULTS
+from cl_tasks.limits import HARD_LIMIT_GRACE
 from cl_tasks.messages import params_too_large
 from cl_tasks.modules import Module, ModuleError, venv_python
 from cl_tasks.results import ResultBackend
@@ -347,4 +348,11 @@ def fail_job_on_failure(
     """Failures the task could not record itself (hard time limit, lost worker process)."""
     if sender is None or task_id is None or not is_compute(getattr(sender, "name", "")):
         return
-    engine().fail(sender.name, task_id, f"{type(exception).__name__}: {exception}")
+    if isinstance(exception, TimeLimitExceeded) and exception.args:
+        message = (
+            f"TimeLimitExceeded: the hard time limit of {exception.args[0]:g} s was exceeded and the pool"
+            f" process was replaced (the call's time_limit, else JOB_TIME_LIMIT + {HARD_LIMIT_GRACE:g} s)"
+        )
+    else:
+        message = f"{type(exception).__name__}: {exception}"
+    engine().fail(sender.name, task_id, message)
