@@ -16,7 +16,7 @@ Decided:
   beyond these (brotli, zstd when installed) is refused rather than inflated
   unbounded: a bomb is one codec away otherwise.
 * A truncated or corrupt stream is refused too (kombu would fail on it as well).
-* Memory: at most ``limit`` + one read of output at any time, never more.
+* Memory: at most ``limit`` + one :data:`WINDOW` of output at any time, never more.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Protocol
 
 #: Bytes of inflated body a message may have when no ``max_inflated_bytes`` is given (64 MiB).
 DEFAULT_MAX_INFLATED_BYTES = 64 * 1024 * 1024
+#: Bytes inflated per decompressor call (the output is collected a window at a time).
+WINDOW = 1024 * 1024
 
 
 class InflateRefused(ValueError):
@@ -116,10 +118,11 @@ def inflate(body: bytes, compression: str, limit: int) -> bytes:
 
 def _inflate_stream(decompressor: _Decompressor, data: bytes, out: bytearray, limit: int) -> bytes:
     """Inflate one stream of ``data`` into ``out`` up to ``limit`` + 1 bytes; returns what follows it."""
-    # One byte past the bound is how "more than limit" shows without reading further.
-    out += decompressor.decompress(data, limit + 1 - len(out))
+    # One byte past the bound is how "more than limit" shows without reading further;
+    # a window at a time, so no chunk is held beside ``out`` for long.
+    out += decompressor.decompress(data, min(WINDOW, limit + 1 - len(out)))
     while len(out) <= limit and not decompressor.eof:
-        chunk = decompressor.decompress(b"", limit + 1 - len(out))
+        chunk = decompressor.decompress(b"", min(WINDOW, limit + 1 - len(out)))
         if not chunk:
             raise EOFError("the stream is truncated")
         out += chunk
