@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from cl_tasks import settings
+from cl_tasks.settings import SettingsError
 from tests import support
 from tests.support import StartWorker, Worker, insert_job, job_row, wait_for_job
 from transports.compression import DEFAULT_MAX_INFLATED_BYTES
@@ -88,6 +90,51 @@ def test_a_fifo_input_ends_error_at_the_time_limit_and_frees_the_slot(
     # and the slot it held ran the next job
     assert control["status"] == "completed", control
     assert "retrying" not in fifo_worker.text()
+
+
+def test_a_confined_runner_that_never_answers_ends_error_at_the_time_limit(
+    data: Path, start_worker: StartWorker
+) -> None:
+    # Given a worker with confined runners (bubblewrap here), one pool slot, a 3 s limit
+    env = support.compute_env(data, JOB_TIME_LIMIT="3")
+    worker = start_worker(env, "-Q", "misbehave,image_resize", "-c", "1")
+    # When a job's runner hangs, then a FIFO is given as input, then a good job comes
+    hung = run(data, "hangs", "misbehave", {"mode": "hang", "pid_path": "hang.pid"}, timeout=60)
+    os.mkfifo(data / "stuck.png")
+    fifo = run(data, "fifo-confined", "image_resize", resize(["stuck.png"]), timeout=60)
+    control = run(data, "after-hang", "image_resize", resize(["good.png"]), timeout=60)
+    # Then the hanging one ends error at the limit, not retried
+    assert hung["status"] == "error", hung
+    assert str(hung["error_message"]).startswith("stopped: the job exceeded JOB_TIME_LIMIT=3 s"), hung
+    assert hung["retry_count"] == 0
+    # the FIFO is refused by the worker before the runner sees it (staging opens without blocking)
+    assert fifo["error_message"] == (
+        f"parameter input_paths[0] 'stuck.png': {data / 'stuck.png'} is not a regular file; name a file"
+    )
+    # and the slot serves the next job
+    assert control["status"] == "completed", control
+    assert worker.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("JOB_TIME_LIMIT", "0", "JOB_TIME_LIMIT='0' must be above 0"),
+        ("JOB_TIME_LIMIT", "soon", "JOB_TIME_LIMIT='soon' must be a number of seconds above 0"),
+        ("JOB_MAX_PAIRS", "1.5", "JOB_MAX_PAIRS='1.5' must be a whole number above 0"),
+        ("JOB_MAX_OUTPUT_PIXELS", "-1", "JOB_MAX_OUTPUT_PIXELS='-1' must be above 0"),
+    ],
+)
+def test_a_bad_limit_is_refused_in_one_line(variable: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        settings.load({variable: value})
+    assert str(refused.value) == message
+
+
+def test_the_default_limits() -> None:
+    limits = settings.load({}).limits
+    assert (limits.time_limit, limits.max_pairs, limits.max_output_pixels) == (1800, 1000, 100_000_000)
+    assert limits.hard_time_limit == 1830
 
 
 # -- JOB_MAX_PAIRS, JOB_MAX_OUTPUT_PIXELS ---------------------------------------------------
