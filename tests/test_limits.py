@@ -7,7 +7,8 @@
 * A compression bomb (a few KB of bz2, 3 MB of zlib, each 3 GiB inflated) is dead-lettered
   by the worker's SQLite consumer, which stays alive with a small peak RSS (and runs under
   an address-space limit, so a regression fails the test instead of the machine), and a
-  normal job after it is delivered.
+  normal job after it is delivered. On Redis (kombu's own transport inflates) the worker's
+  bounded decoders refuse it in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu import Connection
 from PIL import Image
 
 from cl_tasks import settings
@@ -275,3 +277,51 @@ def test_a_compression_bomb_is_dead_lettered_and_the_worker_serves_on(
     assert bomb_worker.process.poll() is None
     assert peak_rss(bomb_worker.process.pid) - before < RSS_GROWTH_BOUND
     assert job_row(database, "after-bomb")["retry_count"] == 0
+
+
+#: A Redis database of its own, so no other test's worker sees this test's queues.
+REDIS_BROKER = f"{support.REDIS_URL}/11"
+
+
+@pytest.fixture
+def redis_bomb_worker(data: Path) -> Iterator[Worker]:
+    """A ledger_echo worker on Redis (jobs in SQLite), under WORKER_ADDRESS_SPACE."""
+    assert support.port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379"
+    with Connection(REDIS_BROKER) as conn:
+        conn.default_channel.client.flushdb()
+    env = support.compute_env(data, MALLOC_ARENA_MAX="2", CELERY_BROKER_URL=REDIS_BROKER)
+    prefix = ("prlimit", f"--as={WORKER_ADDRESS_SPACE}", "--")
+    log = data.parent / "redis-bomb-worker.log"
+    worker = Worker(env, log, "-n", "redis-bomb@%h", "-Q", "ledger_echo", "-c", "1", prefix=prefix)
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+def test_a_compression_bomb_on_redis_is_refused_in_one_line(data: Path, redis_bomb_worker: Worker) -> None:
+    # (another broker: kombu's own transport inflates, through the worker's bounded decoders)
+    body = bz2_bomb()
+    assert run(data, "before-redis-bomb", "ledger_echo", {"ledger_path": "l.txt"})["status"] == "completed"
+    before = peak_rss(redis_bomb_worker.process.pid)
+    # When a bz2 body that inflates to 3 GiB reaches the worker's queue
+    with Connection(REDIS_BROKER) as conn:
+        conn.Producer().publish(
+            body,
+            routing_key="ledger_echo",
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={"compression": "application/x-bz2"},
+        )
+    # Then it is refused in one line naming the bound
+    refused = (
+        f"refused unread: its bz2 body ({len(body)} bytes) inflates past"
+        f" max_inflated_bytes={DEFAULT_MAX_INFLATED_BYTES}"
+    )
+    redis_bomb_worker.wait_for_log(refused, timeout=60)
+    assert redis_bomb_worker.text().count(refused) == 1
+    # and the worker lives, its memory barely grew, and the next job runs
+    assert run(data, "after-redis-bomb", "ledger_echo", {"ledger_path": "l.txt"})["status"] == "completed"
+    assert redis_bomb_worker.process.poll() is None
+    assert peak_rss(redis_bomb_worker.process.pid) - before < RSS_GROWTH_BOUND
