@@ -11,7 +11,7 @@
 * phases, S seconds each: **no worker**; **no worker, cores busy** (a control: one
   CPU-bound process per core at the runners' niceness, no database, to tell the CPU's
   share of a busy worker's cost from the database's); an **idle worker**
-  (``celery -A cl_tasks worker -Q image_resize -c 2``); a **busy worker** (a
+  (``celery -A cl_tasks worker -Q image_resize -c 2``, or ``--concurrency``); a **busy worker** (a
   loader keeps 20 small ``image_resize`` rows queued, as an album upload does);
   **busy + reader**: the same while another API connection holds a read snapshot
   for 20 s (a long request); **busy, after** the reader finished.
@@ -156,7 +156,7 @@ def _hold_snapshot(database: Path, seconds: float) -> threading.Thread:
     return thread
 
 
-def measure(workdir: Path, seconds: float) -> dict[str, Any]:
+def measure(workdir: Path, seconds: float, concurrency: int = 2) -> dict[str, Any]:
     server = workdir / "api-latency"
     server.mkdir(parents=True)
     database = server / "media_store.db"
@@ -170,7 +170,7 @@ def measure(workdir: Path, seconds: float) -> dict[str, Any]:
         for hog in hogs:
             hog.kill()
             hog.wait()
-    worker = _start_worker(server)
+    worker = _start_worker(server, concurrency)
     try:
         load.take_largest_wal()
         phases["idle worker"] = _phase(database, seconds, load)
@@ -182,11 +182,33 @@ def measure(workdir: Path, seconds: float) -> dict[str, Any]:
         phases["busy, after the reader"] = _phase(database, seconds, load)
         wal_at_end = load.wal.stat().st_size if load.wal.exists() else 0
         jobs_run = load.jobs
+        completed = _completed_load_jobs(database)
+        if completed < BACKLOG:
+            # A worker that runs nothing (say, its module's venv failed to build) would
+            # make the "busy" phases idle ones: refuse the run rather than record it.
+            log = (server / "worker.log").read_text()[-2000:]
+            raise RuntimeError(f"the busy worker completed {completed} load jobs; its log ends:\n{log}")
     finally:
         load.stop.set()
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
-    return {"seconds": seconds, "phases": phases, "wal_at_end_bytes": wal_at_end, "load_jobs": jobs_run}
+    return {
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "phases": phases,
+        "wal_at_end_bytes": wal_at_end,
+        "load_jobs": jobs_run,
+        "load_jobs_completed": completed,
+    }
+
+
+def _completed_load_jobs(database: Path) -> int:
+    conn = sqlite3.connect(database, timeout=API_BUSY_TIMEOUT)
+    try:
+        row = conn.execute("SELECT count(*) FROM jobs WHERE job_id LIKE 'load-%' AND status = 'completed'")
+        return int(row.fetchone()[0])
+    finally:
+        conn.close()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -210,7 +232,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"-wal at the end: {result['wal_at_end_bytes'] / 1e6:.2f} MB (bound {WAL_BOUND / 1e6:.1f} MB);"
-        f" load jobs inserted: {result['load_jobs']}"
+        f" load jobs inserted: {result['load_jobs']}, completed: {result['load_jobs_completed']}"
     )
     return "\n".join(lines)
 
@@ -218,6 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    parser.add_argument("-c", "--concurrency", type=int, default=2, help="the worker's -c")
     parser.add_argument("--probe", metavar="DATABASE", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api-latency.json")
     args = parser.parse_args()
@@ -225,7 +248,7 @@ def main() -> None:
         probe(args.probe, args.seconds)
         return
     with tempfile.TemporaryDirectory(prefix="cl-tasks-api-latency-") as workdir:
-        result = measure(Path(workdir), args.seconds)
+        result = measure(Path(workdir), args.seconds, args.concurrency)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -69,9 +70,12 @@ def _wait_done(database: Path, prefix: str, count: int, timeout: float = 600) ->
     raise RuntimeError(f"only {len(rows)} of {count} {prefix} jobs ended")
 
 
-def _start_worker(server: Path) -> subprocess.Popen[bytes]:
+def _start_worker(server: Path, concurrency: int = 2) -> subprocess.Popen[bytes]:
     log = server / "worker.log"
     env = {
+        # The caller's environment for what building module venvs needs (a custom CA in
+        # SSL_CERT_FILE, proxies, uv's settings); the rest as a plain worker would have it.
+        **os.environ,
         "PYTHONPATH": str(ROOT),
         "CL_SERVER_DIR": str(server),
         "COMPUTE_VENV_DIR": str(VENVS),
@@ -89,7 +93,7 @@ def _start_worker(server: Path) -> subprocess.Popen[bytes]:
             "-Q",
             "image_resize",
             "-c",
-            "2",
+            str(concurrency),
             "-l",
             "info",
             "--logfile",

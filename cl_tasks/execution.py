@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -142,7 +143,7 @@ class Progress:
 
     def __init__(self, task: Task, store: JobStore, owner: str) -> None:
         self._task, self._store, self._owner = task, store, owner
-        self._last_sent = 0.0
+        self._last_sent = -math.inf  # not 0.0: the monotonic clock starts near zero at boot
         self._last_value = -1.0
 
     def __call__(self, progress: float) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from celery.exceptions import TaskRevokedError
+from celery.signals import before_task_publish
 
 from tests.support import Worker, capture_events, run_celery, subprocess_env, wait_until
 
@@ -95,6 +97,34 @@ def test_revoke_terminate_stops_a_running_task(sample_app: Celery, celery_worker
     wait_until(lambda: result.state == "STARTED", 20, "the task started")
     result.revoke(terminate=True, signal="SIGKILL")
     wait_until(lambda: result.state == "REVOKED", 20, "the task was revoked")
+
+
+def test_a_task_that_expires_while_it_waits_in_the_broker_ends_revoked(
+    sample_app: Celery, celery_worker: Worker
+) -> None:
+    # Given a worker whose two processes (and prefetch window) are busy for 2 s
+    sleepers = [sample_app.send_task("apps.sample_tasks.sleep_for", (2,)) for _ in range(2)]
+    wait_until(lambda: all(each.state == "STARTED" for each in sleepers), 20, "both sleepers started")
+    # When a task that expires in 1 s, and one that expires in a minute (the control), wait
+    # behind them in the broker
+    expiring = sample_app.send_task("apps.sample_tasks.add", (1, 1), expires=1)
+    control = sample_app.send_task("apps.sample_tasks.add", (2, 2), expires=60)
+    # Then the expired one still reaches the worker, which revokes it: the caller is not
+    # left waiting; the other runs
+    with pytest.raises(TaskRevokedError):
+        expiring.get(timeout=20)
+    assert expiring.state == "REVOKED"
+    assert control.get(timeout=20) == 4
+
+
+def test_apply_async_with_a_property_that_is_not_json_runs_the_task(
+    sample_app: Celery, celery_worker: Worker
+) -> None:
+    # Given a client passing a Python object as an extra option (it becomes a message
+    # property, as the handler in Celery's suite passes the publishing Signal on)
+    add = sample_app.signature("apps.sample_tasks.add", (2, 3))
+    # When it applies the task, Then the publish succeeds and the task runs
+    assert add.apply_async(signal=before_task_publish).get(timeout=20) == 5
 
 
 def test_inspect_ping_status_and_control(celery_worker: Worker, worker_env: dict[str, str]) -> None:

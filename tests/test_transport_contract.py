@@ -8,7 +8,7 @@ both: the contract is AMQP's as kombu exposes it, not ours.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -59,6 +59,21 @@ def declared(conn: Connection, queue: Queue) -> Queue:
     bound = queue(conn.channel())
     bound.declare()
     return bound
+
+
+@pytest.fixture
+def confirming_publisher(broker_url: str) -> Iterator[Connection]:
+    """A connection whose publishes return once the broker has the message.
+
+    RabbitMQ's queues are separate processes: messages published in a burst to two
+    queues reach a consumer queue by queue. With publisher confirms, each message is
+    in its queue (and on its way to the consumer) before the next is published, as a
+    revoke broadcast is before the task a client sends after it; on our transport a
+    publish returns after its commit anyway (the option is ignored).
+    """
+    with Connection(broker_url, transport_options={"confirm_publish": True}) as conn:
+        conn.connect()
+        yield conn
 
 
 def publish(conn: Connection, body: Any, exchange: Exchange | str, routing_key: str, **kw: Any) -> None:
@@ -290,3 +305,55 @@ def test_auto_delete_queue_lives_until_its_last_consumer_goes(connect: Connect, 
         return False
 
     assert poll(gone, 3, every=0.05), "the auto-delete queue outlived its last consumer"
+
+
+def test_a_consumer_of_two_queues_gets_their_messages_in_publish_order(
+    connect: Connect, unique: Names, confirming_publisher: Connection
+) -> None:
+    # Given one consumer of two queues (as a worker consumes several task queues)
+    exchange = Exchange(unique("order"), "direct")
+    queues = [Queue(unique("a"), exchange, "a"), Queue(unique("b"), exchange, "b")]
+    conn = connect()
+    received: list[Any] = []
+    consumer = conn.Consumer(queues, callbacks=[lambda body, msg: (received.append(body), msg.ack())])
+    consumer.consume()
+    # When messages are published to them alternately while it is not draining
+    publisher = confirming_publisher
+    sent = [f"{key}{n}" for n in range(6) for key in ("a", "b")]
+    for body in sent:
+        publish(publisher, body, exchange, body[0])
+    # Then it receives them in publish order, not queue by queue
+    drain_until(conn, lambda: len(received) >= len(sent))
+    consumer.cancel()
+    assert received == sent
+
+
+def test_consumers_on_two_channels_of_a_connection_get_messages_in_publish_order(
+    connect: Connect, unique: Names, confirming_publisher: Connection
+) -> None:
+    # Given two consumers on two channels of one connection (a worker's task queue and
+    # its remote-control queue), each of one queue
+    exchange = Exchange(unique("order"), "direct")
+    tasks, control = Queue(unique("tasks"), exchange, "tasks"), Queue(unique("control"), exchange, "control")
+    conn = connect()
+    received: list[Any] = []
+
+    def record(body: Any, message: Message) -> None:
+        received.append(body)
+        message.ack()
+
+    consumers = [
+        conn.Consumer([queue], channel=conn.channel(), callbacks=[record]) for queue in (tasks, control)
+    ]
+    for consumer in consumers:
+        consumer.consume()
+    # When a control message is published before and after each task
+    publisher = confirming_publisher
+    sent = ["control0", "tasks0", "tasks1", "control1", "tasks2", "control2", "control3", "tasks3"]
+    for body in sent:
+        publish(publisher, body, exchange, body[:-1])
+    # Then the connection delivers them in publish order, across its channels
+    drain_until(conn, lambda: len(received) >= len(sent))
+    for consumer in consumers:
+        consumer.cancel()
+    assert received == sent

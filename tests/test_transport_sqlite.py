@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery.utils.dispatch import Signal
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 
 from tests import api_schema
@@ -287,7 +288,7 @@ def test_an_empty_claim_writes_nothing(sqlite_url: str) -> None:
     observer = sqlite3.connect(db_path(sqlite_url))
     store.declare_queue("idle", message_ttl=None, expires=None, auto_delete=False)
     version = observer.execute("PRAGMA data_version").fetchone()
-    assert store.claim("idle", owner="me", limit=5, lease=10) == []
+    assert store.claim(["idle"], owner="me", limit=5, lease=10) == []
     assert observer.execute("PRAGMA data_version").fetchone() == version
 
 
@@ -315,11 +316,11 @@ def test_waiting_acks_go_in_the_next_claims_transaction(sqlite_url: str) -> None
     store.declare_queue("q", message_ttl=None, expires=None, auto_delete=False)
     for n in range(5):
         store.put("", "q", {"properties": {}, "body": n}, priority=0, expires_at=None)
-    first = store.claim("q", owner="me", limit=3, lease=30)
-    taken_by_other = store.claim("q", owner="other", limit=1, lease=30)
+    first = store.claim(["q"], owner="me", limit=3, lease=30)
+    taken_by_other = store.claim(["q"], owner="other", limit=1, lease=30)
     before = store.local_writes
     acked, claimed = store.ack_and_claim(
-        [m.row_id for m in first] + [taken_by_other[0].row_id], "q", owner="me", limit=5, lease=30
+        [m.row_id for m in first] + [taken_by_other[0].row_id], ["q"], owner="me", limit=5, lease=30
     )
     assert store.local_writes - before == 1
     assert acked == 3  # only our own rows: the other consumer's lease is untouched
@@ -616,3 +617,47 @@ def test_a_compression_without_a_bounded_decoder_is_dead_lettered(sqlite_url: st
         assert drain_queue(QUEUE(conn.channel())) == []
     dead = query(db_path(sqlite_url), "SELECT reason FROM kombu_dead_letter")
     assert "compression 'application/x-brotli' cannot be inflated with a bound" in str(dead[0]["reason"])
+
+
+def test_a_property_that_is_not_json_is_dropped_with_one_warning(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given messages published with a property that is a Python object (Celery's suite passes
+    # its Signal) beside one that is JSON
+    with Connection(sqlite_url) as conn:
+        with caplog.at_level("WARNING", logger="transports.sqlite"):
+            publish(conn, "first", dispatcher=Signal(name="test"), x_custom="kept")
+            publish(conn, "second", dispatcher=Signal(name="test"))
+        # Then both publishes succeed; the object is dropped (as AMQP drops properties it
+        # does not define), the JSON property stays, and one warning names the property
+        bound = QUEUE(conn.channel())
+        received = [bound.get(), bound.get()]
+    assert [message.payload for message in received if message] == ["first", "second"]
+    first = received[0]
+    assert first is not None and "dispatcher" not in first.properties
+    assert first.properties["x_custom"] == "kept"
+    warnings = [record.getMessage() for record in caplog.records if "'dispatcher'" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "Signal" in warnings[0] and "dropped" in warnings[0]
+
+
+def test_a_header_that_is_not_json_is_refused_to_the_publisher(sqlite_url: str) -> None:
+    with Connection(sqlite_url) as conn, pytest.raises(TypeError, match=r"header 'callback' is a Signal"):
+        publish(conn, "refused", headers={"callback": Signal(name="test"), "fine": 1})
+    assert stored(sqlite_url) == 0
+
+
+def test_queues_of_one_consumer_merge_by_priority_then_publish_order(sqlite_url: str) -> None:
+    # Given one consumer of two queues, and messages of several priorities in both
+    exchange = Exchange("merge", "direct")
+    queues = [Queue("low", exchange, "low"), Queue("high", exchange, "high")]
+    with Connection(sqlite_url) as conn:
+        received: list[object] = []
+        with conn.Consumer(queues, callbacks=[lambda body, msg: (received.append(body), msg.ack())]):
+            producer = Producer(conn.channel())
+            sent = [("low", "a", 0), ("high", "b", 0), ("low", "c", 5), ("high", "d", 9), ("low", "e", 0)]
+            for key, body, priority in sent:
+                producer.publish(body, exchange=exchange, routing_key=key, priority=priority)
+            drain_until(conn, lambda: len(received) >= len(sent))
+    # Then they come as from one queue: higher priority first, publish order within one
+    assert received == ["d", "c", "a", "b", "e"]

@@ -15,6 +15,7 @@ its lock; it never touches the database itself.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -53,7 +54,9 @@ class AckBuffer:
             return
         with self._lock:
             self._row_ids[:0] = row_ids
-            self._since = 0.0
+            # Due at once, however young the batch. Not 0.0: the monotonic clock starts
+            # near zero at boot, so "waited since 0" can be shorter than ``waited``.
+            self._since = -math.inf
 
     def due(self, waited: float) -> bool:
         """Whether some ack waits and the oldest has waited at least ``waited`` seconds."""

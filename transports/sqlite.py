@@ -10,8 +10,26 @@ Features
   listens) is dropped after one read, without the write lock;
   :meth:`Channel.routes` lets a publisher ask first
 * Supports Priority: 0-9, higher first, FIFO within a priority
+* Delivery order: what is ready on several queues of one connection (a
+  worker's task queues on one channel, its remote-control queue on another) is
+  delivered in publish order, priority first: the queues of a channel merge as
+  one queue, and a channel claims only what comes before the next message of
+  the connection's other channels (:meth:`Transport.deliver_in_order`). So a
+  ``revoke`` broadcast published before a task reaches the worker first, as on
+  RabbitMQ and Redis. A channel whose prefetch window is full does not hold
+  the others back.
+* Message properties must be JSON, as the whole message is stored as JSON: one
+  that is not (a Python object given to ``Producer.publish``) is dropped with
+  one warning naming it, as AMQP drops properties it does not define; a header
+  that is not JSON makes the publish raise ``TypeError`` naming it.
 * Supports TTL: ``x-message-ttl`` and ``x-expires`` queue arguments, per-message
-  ``expiration``
+  ``expiration``. A Celery task's ``expires`` is not a broker TTL: Celery copies
+  it into ``expiration``, but dropping the message would leave the caller's
+  ``result.get()`` waiting for ever (only a worker that receives an expired
+  task stores its ``REVOKED`` result). So a task message (headers ``task`` and
+  ``expires``) is dropped ``expired_task_grace`` after its expiration; until
+  then a worker busy or stopped at its expiry still receives it, and revokes it
+  without running it.
 * Auto-delete queues: deleted when their last consumer, in any process, is
   cancelled (or its process died: after ``CONSUMER_TTL``), as on RabbitMQ; a
   passive ``queue_declare`` reports the live consumers of every process
@@ -84,11 +102,16 @@ string wins, being the more specific place):
   incrementally (:mod:`transports.compression`) and a body past the bound, a
   compression bomb (3 KB of bz2 can hold 3 GiB), is dead-lettered with one log
   line, never inflated unbounded; codecs without a bounded decoder are refused.
+* ``expired_task_grace`` (86400.0, a day): seconds a Celery task message past
+  its ``expires`` stays deliverable, so that a worker receives it and stores
+  its ``REVOKED`` result (see *Supports TTL*).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import logging
 import os
 import socket
@@ -113,7 +136,7 @@ from kombu.transport.virtual.base import NotEquivalentError
 from transports.acks import AckBuffer
 from transports.compression import DEFAULT_MAX_INFLATED_BYTES, InflateRefused, inflate
 from transports.process import PerProcess
-from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Store
+from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Place, Store, delivery_key
 from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
@@ -145,6 +168,7 @@ class Options:
     sweep_interval: float = 30.0
     dead_letter_retention: float = 7 * 24 * 3600.0
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+    expired_task_grace: float = 24 * 3600.0
 
     @classmethod
     def parse(cls, given: dict[str, Any]) -> Options:
@@ -282,7 +306,6 @@ class Channel(virtual.Channel):
         self._next_extend = 0.0
         self._next_touch = 0.0
         self._next_heartbeat = time.time() + CONSUMER_TTL / 4
-        self._rotation = 0
         #: Numbers deliveries, so a row delivered again gets a new delivery tag.
         self._deliveries = itertools.count()
         #: Rows whose ack (True) or release (False) the database refused; upkeep retries them.
@@ -371,17 +394,55 @@ class Channel(virtual.Channel):
     # -- publishing -------------------------------------------------------------
 
     def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> int:
-        """Route and store ``message`` in one transaction; returns the number of queues."""
+        """Route and store ``message`` in one transaction; returns the number of queues.
+
+        A message is stored as JSON. A property that is not JSON (a Python object
+        passed to ``Producer.publish``) is dropped, with one warning per property
+        name: AMQP carries none but its own properties either, so the publish
+        succeeds as on RabbitMQ. A header that is not JSON is refused to the
+        caller with a ``TypeError`` naming it (RabbitMQ refuses a header it cannot
+        encode too); nothing is stored then.
+        """
         self._inplace_augment_message(message, exchange, routing_key)
-        expiration = message["properties"].get("expiration")
-        expires_at = time.time() + float(expiration) / 1000.0 if expiration is not None else None
+        try:
+            return self._route_and_store(message, exchange, routing_key)
+        except TypeError:
+            _drop_foreign_properties(message["properties"])
+        try:
+            return self._route_and_store(message, exchange, routing_key)
+        except TypeError as exc:
+            raise TypeError(
+                f"SQLite broker: cannot publish to {exchange!r}/{routing_key!r}: {_not_json(message)};"
+                " pass only JSON values (str, numbers, lists, dicts) in headers"
+            ) from exc
+
+    def _route_and_store(self, message: dict[str, Any], exchange: str, routing_key: str) -> int:
         return self.store.put(
             exchange or "",
             routing_key or "",
             message,
             priority=self._get_message_priority(message),
-            expires_at=expires_at,
+            expires_at=self._broker_expiry(message),
         )
+
+    def _broker_expiry(self, message: dict[str, Any]) -> float | None:
+        """When the broker drops ``message`` unread: its ``expiration`` property, if any.
+
+        Celery copies a task's ``expires`` into ``expiration``, but the caller of an
+        expired task waits for its ``REVOKED`` result, which only a worker that
+        receives the message stores. So a Celery task message (headers ``task`` and
+        ``expires``) stays deliverable for ``expired_task_grace`` seconds more: a
+        worker busy or stopped at its expiry still receives it and revokes it (it
+        never runs). A queue's ``x-message-ttl`` applies to every message as it is.
+        """
+        expiration = message["properties"].get("expiration")
+        if expiration is None:
+            return None
+        expires_at = time.time() + float(expiration) / 1000.0
+        headers = message.get("headers") or {}
+        if headers.get("task") and headers.get("expires"):
+            expires_at += self.options.expired_task_grace
+        return expires_at
 
     def routes(self, exchange: str, routing_key: str) -> bool:
         """Whether a message to ``exchange`` with ``routing_key`` would reach a queue now.
@@ -441,42 +502,54 @@ class Channel(virtual.Channel):
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> SQLiteMessage | None:
         """Claim one message; dead-lettered ones are skipped, so None means the queue is empty."""
         self.connection.keeper.register(self)
-        while claimed := self._claim(queue, 1, no_ack):
-            message = self._to_message(queue, self._envelope(claimed[0], queue), no_ack)
+        while claimed := self._claim([queue], 1, no_ack):
+            message = self._to_message(queue, self._envelope(claimed[0]), no_ack)
             if message is not None:
                 return message
         return None
 
     def drain_events(self, timeout: float | None = None, callback: Any = None) -> None:
-        """Claim a batch from the consumed queues (rotating) and deliver it; Empty if none."""
-        if not (self._consumers and self._room_to_claim()):
+        """Deliver the next ready messages of this channel's queues, in order; Empty if none."""
+        if not self.connection.deliver_in_order([self]):
             raise Empty()
-        queues = list(self._queue_callbacks)
-        self._rotation = (self._rotation + 1) % max(len(queues), 1)
+
+    def claim_units(self) -> list[tuple[bool, list[str]]]:
+        """The queues to claim from now, by no-ack mode (one claim statement each).
+
+        None while the channel has no consumer or its prefetch window is too full
+        (:meth:`_room_to_claim`).
+        """
+        if not (self._consumers and self._room_to_claim()):
+            return []
+        units: dict[bool, list[str]] = {}
+        for queue in self._queue_callbacks:
+            units.setdefault(queue in self._no_ack_queues, []).append(queue)
+        return list(units.items())
+
+    def deliver_claimed(self, queues: list[str], no_ack: bool, before: Place | None) -> int:
+        """Claim a batch of ``queues`` (what comes before ``before``), deliver it in order.
+
+        Returns how many messages were delivered. Acks made while the batch is
+        delivered (Celery acks early by default, in the delivery callback) are
+        deleted together at the end: one write per batch.
+        """
+        room = self.qos.can_consume_max_estimate()
+        limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
+        if limit <= 0:
+            return 0
+        callbacks = dict(self._queue_callbacks)  # a callback may cancel its consumer
         delivered = 0
-        # Acks made while the batch is delivered (Celery acks early by default, in the
-        # delivery callback) are deleted together at the end: one write per batch.
         self._batching_thread = threading.get_ident()
         try:
-            for queue in queues[self._rotation :] + queues[: self._rotation]:
-                room = self.qos.can_consume_max_estimate()
-                limit = self.options.claim_batch if room is None else min(room, self.options.claim_batch)
-                if limit <= 0:
-                    break
-                # With acks waiting the write lock is taken anyway: no need to look first.
-                if not self.acks and not self.store.has_ready(queue):
-                    continue
-                deliver = self._queue_callbacks[queue]
-                for claimed in self._claim(queue, limit, queue in self._no_ack_queues):
-                    envelope = self._envelope(claimed, queue)
-                    if envelope is not None:
-                        deliver(envelope)
-                        delivered += 1
+            for claimed in self._claim(queues, limit, no_ack, before):
+                envelope = self._envelope(claimed)
+                if envelope is not None:
+                    callbacks[claimed.queue](envelope)
+                    delivered += 1
         finally:
             self._batching_thread = None
             self.flush_acks()
-        if not delivered:
-            raise Empty()
+        return delivered
 
     def _room_to_claim(self) -> bool:
         """Whether to claim now: once half the prefetch window is free, not per freed slot.
@@ -490,23 +563,33 @@ class Channel(virtual.Channel):
             return True
         return bool(room > 0 and room >= self.qos.prefetch_count // 2)
 
-    def _claim(self, queue: str, limit: int, no_ack: bool) -> list[Claimed]:
+    def _claim(
+        self, queues: list[str], limit: int, no_ack: bool, before: Place | None = None
+    ) -> list[Claimed]:
         owner = None if no_ack else self.owner
+        lease = self.options.visibility_timeout
         try:
             if owner is not None and self.acks:
                 # Acks waiting from the last round go in the claim's transaction: one commit.
-                return self._ack_and_claim(self.acks.take(), queue, limit)
-            return self.store.claim(queue, owner=owner, limit=limit, lease=self.options.visibility_timeout)
+                return self._ack_and_claim(self.acks.take(), queues, limit, before)
+            return self.store.claim(queues, owner=owner, limit=limit, lease=lease, before=before)
         except DatabaseFull as exc:
             # Not a lost connection (reconnecting would not help, and would drop the leases
             # of running tasks): the messages wait in the database, claimed at a later poll.
-            logger.error("%s; claims from queue %r wait", exc, queue)
+            logger.error("%s; claims from queues %s wait", exc, ", ".join(map(repr, queues)))
             return []
 
-    def _ack_and_claim(self, row_ids: list[int], queue: str, limit: int) -> list[Claimed]:
+    def _ack_and_claim(
+        self, row_ids: list[int], queues: list[str], limit: int, before: Place | None
+    ) -> list[Claimed]:
         try:
             acked, claimed = self.store.ack_and_claim(
-                row_ids, queue, owner=self.owner, limit=limit, lease=self.options.visibility_timeout
+                row_ids,
+                queues,
+                owner=self.owner,
+                limit=limit,
+                lease=self.options.visibility_timeout,
+                before=before,
             )
         except BaseException:
             self.acks.restore(row_ids)  # not written: they go with the next flush
@@ -514,9 +597,9 @@ class Channel(virtual.Channel):
         _warn_late_acks(len(row_ids) - acked)
         return claimed
 
-    def _envelope(self, claimed: Claimed, queue: str) -> dict[str, Any] | None:
+    def _envelope(self, claimed: Claimed) -> dict[str, Any] | None:
         if claimed.payload is None:
-            self._dead_letter_row(claimed.row_id, queue, claimed.error or "unreadable")
+            self._dead_letter_row(claimed.row_id, claimed.queue, claimed.error or "unreadable")
             return None
         payload = claimed.payload
         properties = payload["properties"]
@@ -667,11 +750,54 @@ def _row_id(raw: dict[str, Any]) -> int:
     return int(str(raw["properties"]["delivery_tag"]).split(".", 1)[0])
 
 
+#: The channel class under a name that ``Transport.Channel`` (kombu's attribute) does not shadow.
+SQLiteChannel = Channel
+
+
 def _binding(
     queue: str, exchange: str | None = None, routing_key: str = "", arguments: Any = None, **_: Any
 ) -> tuple[str, str, str]:
     """(queue, exchange, routing key) of a kombu ``queue_bind``/``queue_unbind`` call."""
     return queue, exchange or "amq.direct", routing_key or ""
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _drop_foreign_properties(properties: dict[str, Any]) -> None:
+    """Remove the properties whose value is not JSON (see :meth:`Channel.basic_publish`)."""
+    for name, value in list(properties.items()):
+        if not _is_json(value):
+            del properties[name]
+            _warn_dropped_property(name, type(value).__name__)
+
+
+@functools.cache
+def _warn_dropped_property(name: str, kind: str) -> None:
+    """Once per property name and type in a process: a caller publishing it does so every time."""
+    logger.warning(
+        "SQLite broker: message property %r (a %s) is not JSON and was dropped, as AMQP drops"
+        " properties it does not define; put the value in the body or a JSON header to send it"
+        " (said once per property)",
+        name,
+        kind,
+    )
+
+
+def _not_json(message: dict[str, Any]) -> str:
+    """What makes ``message`` not JSON, for the error of :meth:`Channel.basic_publish`."""
+    headers = message.get("headers") or {}
+    bad = [
+        f"header {name!r} is a {type(value).__name__}"
+        for name, value in headers.items()
+        if not _is_json(value)
+    ]
+    return ", ".join(bad) or "it is not JSON"
 
 
 def _warn_late_acks(count: int) -> None:
@@ -818,12 +944,8 @@ class Transport(virtual.Transport):
             now = time.monotonic()
             if (self._changed() if woken else False) or now >= self._next_poll:
                 self._next_poll = now + self.polling_interval
-                try:
-                    assert self.cycle is not None
-                    self.cycle.get(self._deliver, timeout=timeout)
+                if self.deliver_in_order(self.channels):
                     return
-                except Empty:
-                    pass
             wait = self._next_poll - time.monotonic()
             if deadline is not None:
                 remaining = deadline - time.monotonic()
@@ -872,13 +994,47 @@ class Transport(virtual.Transport):
             self._seen = self.store.change_token()
         elif not self._changed():
             return
-        assert self.cycle is not None
-        # One round over the channels; our own claims commit, which wakes us again.
+        # As many claims as there are channels; our own claims commit, which wakes us again.
         for _ in range(max(len(self.channels), 1)):
-            try:
-                self.cycle.get(self._deliver)
-            except Empty:
+            if not self.deliver_in_order(self.channels):
                 return
+
+    def deliver_in_order(self, channels: list[SQLiteChannel]) -> int:
+        """One claim: the consumer whose next message comes first takes what precedes the others'.
+
+        Messages ready on several queues of a connection (a worker's task queues on
+        one channel, its remote-control queue on another) are delivered in publish
+        order, as RabbitMQ and Redis deliver them in practice: a ``revoke`` broadcast
+        published before a task reaches the worker before the task. One read finds
+        the next message of every consumed queue (:meth:`Store.heads`, an index seek
+        each, which also spares the write lock when nothing is ready); the channel
+        with the first one claims its batch up to the next message of another
+        channel, in one transaction. Priorities order a channel's queues together;
+        between channels, a higher priority also comes first. Returns how many
+        messages were delivered (0: nothing ready, or no room).
+        """
+        units = [
+            (channel, no_ack, queues) for channel in channels for no_ack, queues in channel.claim_units()
+        ]
+        if not units:
+            return 0
+        heads = self.store.heads([queue for _, _, queues in units for queue in queues])
+        ranked: list[tuple[tuple[int, int], Place, int]] = []
+        for index, (_, _, queues) in enumerate(units):
+            places = [heads[queue] for queue in queues if queue in heads]
+            if places:
+                first = min(places, key=delivery_key)
+                ranked.append((delivery_key(first), first, index))
+        if not ranked:
+            for channel, _, _ in units:
+                channel.flush_acks()
+            return 0
+        ranked.sort()
+        _, first, index = ranked[0]
+        # A queue consumed by two channels heads both: it bounds neither.
+        before = next((place for _, place, _ in ranked[1:] if place != first), None)
+        channel, no_ack, queues = units[index]
+        return channel.deliver_claimed(queues, no_ack, before)
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version

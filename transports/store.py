@@ -122,20 +122,56 @@ ROUTED_BY_TYPE = {
     kind: "SELECT 1 FROM {p}binding AS b WHERE b.exchange = :exchange AND " + match + " LIMIT 1"
     for kind, match in _MATCH_BY_TYPE.items()
 }
-READY = (
-    "SELECT 1 FROM {p}message WHERE queue = :queue AND visible_at <= :now"
-    " AND (expires_at IS NULL OR expires_at > :now) LIMIT 1"
+# The delivery order of a consumer's queues: priority first (higher first), then the
+# global row id, which is publish order (ids are taken under the write lock, so id order
+# is commit order). One queue's order is the same (queue, priority DESC, id) as before;
+# several queues merge into one sequence, as if they were one queue.
+_READY_IN = (
+    "SELECT id FROM {p}message WHERE queue = q.value AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now) ORDER BY priority DESC, id"
 )
-_CLAIMABLE = (
-    "SELECT id FROM {p}message WHERE queue = :queue AND visible_at <= :now"
-    " AND (expires_at IS NULL OR expires_at > :now) ORDER BY priority DESC, id LIMIT :limit"
+# The next ready message of each of :queues (a JSON list): one index seek per queue.
+HEADS = (
+    "SELECT m.queue, m.priority, m.id FROM json_each(:queues) AS q"
+    " JOIN {p}message AS m ON m.id = (" + _READY_IN + " LIMIT 1)"
 )
-CLAIM = (
+# The first :limit ready messages in delivery order that come before the message
+# (:before_priority, :before_id) (no bound when :before_id is NULL); the bound filters
+# an ordered list, so what passes is a prefix of it.
+_BEFORE = (
+    " WHERE :before_id IS NULL OR priority > :before_priority"
+    " OR (priority = :before_priority AND id < :before_id)"
+)
+# Of one queue (:queue): one index scan, the common case (a worker's task channel).
+_CLAIMABLE_ONE = (
+    "SELECT id FROM (SELECT id, priority FROM {p}message WHERE queue = :queue AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now) ORDER BY priority DESC, id LIMIT :limit)" + _BEFORE
+)
+# Of several queues (:queues, a JSON list), merged: each queue gives at most :limit rows
+# through its index, so the sort is of a few rows however deep the queues are. A read:
+# inside an UPDATE the same merge costs five times as much (SQLite plans it otherwise),
+# so the rows it picks are claimed by id (CLAIM_LISTED), the conditions checked again.
+CLAIMABLE_MERGED = (
+    "SELECT id FROM (SELECT m.id, m.priority FROM json_each(:queues) AS q"
+    " JOIN {p}message AS m ON m.id IN (" + _READY_IN + " LIMIT :limit)"
+    " ORDER BY m.priority DESC, m.id LIMIT :limit)" + _BEFORE
+)
+_LISTED = (
+    "id IN (SELECT value FROM json_each(:ids)) AND visible_at <= :now"
+    " AND (expires_at IS NULL OR expires_at > :now)"
+)
+_CLAIM = (
     "UPDATE {p}message SET visible_at = :lease_until, lease_owner = :owner,"
-    " delivery_count = delivery_count + 1 WHERE id IN (" + _CLAIMABLE + ")"
-    " RETURNING id, priority, payload, delivery_count"
+    " delivery_count = delivery_count + 1 WHERE {rows}"
+    " RETURNING id, priority, payload, delivery_count, queue"
 )
-TAKE = "DELETE FROM {p}message WHERE id IN (" + _CLAIMABLE + ") RETURNING id, priority, payload, 1"
+_TAKE = "DELETE FROM {p}message WHERE {rows} RETURNING id, priority, payload, 1, queue"
+#: Claim (lease) and take (no-ack: delete) of one queue, in one statement.
+CLAIM = _CLAIM.replace("{rows}", "id IN (" + _CLAIMABLE_ONE + ")")
+TAKE = _TAKE.replace("{rows}", "id IN (" + _CLAIMABLE_ONE + ")")
+#: The same of the rows :ids (a JSON list) picked by :data:`CLAIMABLE_MERGED`, if still ready.
+CLAIM_LISTED = _CLAIM.replace("{rows}", _LISTED)
+TAKE_LISTED = _TAKE.replace("{rows}", _LISTED)
 ACK = "DELETE FROM {p}message WHERE id = ? AND lease_owner = ?"
 ACK_MANY = "DELETE FROM {p}message WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
 RELEASE = "UPDATE {p}message SET visible_at = 0, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
@@ -220,9 +256,31 @@ class DatabaseFull(sqlite3.OperationalError):
     """
 
 
-def _claim_params(queue: str, owner: str | None, limit: int, lease: float) -> dict[str, Any]:
+#: A message's place in delivery order: (priority, row id); see :data:`CLAIM`.
+Place = tuple[int, int]
+
+
+def delivery_key(place: Place) -> tuple[int, int]:
+    """Sort key of a :data:`Place`: higher priority first, then lower id (publish order)."""
+    priority, row_id = place
+    return -priority, row_id
+
+
+def _claim_params(
+    queues: Sequence[str], owner: str | None, limit: int, lease: float, before: Place | None
+) -> dict[str, Any]:
     now = time.time()
-    return {"queue": queue, "now": now, "limit": limit, "owner": owner, "lease_until": now + lease}
+    before_priority, before_id = before if before is not None else (None, None)
+    return {
+        "queues": json.dumps(list(queues)),
+        "queue": queues[0] if len(queues) == 1 else None,
+        "now": now,
+        "limit": limit,
+        "owner": owner,
+        "lease_until": now + lease,
+        "before_priority": before_priority,
+        "before_id": before_id,
+    }
 
 
 @dataclass(frozen=True)
@@ -233,6 +291,7 @@ class Claimed:
     priority: int
     payload: dict[str, Any] | None
     redelivered: bool
+    queue: str
     error: str | None = None
 
 
@@ -512,30 +571,74 @@ class Store:
         params = {"exchange": exchange, "routing_key": routing_key}
         return self.conn.execute(statement, params).fetchone() is not None
 
-    def has_ready(self, queue: str) -> bool:
-        """Cheap read-only check before taking the write lock to claim."""
-        row = self.conn.execute(self.sql(READY), {"queue": queue, "now": time.time()}).fetchone()
-        return row is not None
+    def heads(self, queues: Sequence[str]) -> dict[str, Place]:
+        """The place of the next ready message of each of ``queues`` that has one (a read).
 
-    def claim(self, queue: str, *, owner: str | None, limit: int, lease: float) -> list[Claimed]:
-        """Claim up to ``limit`` messages of ``queue`` for ``owner`` in one transaction.
-
-        With ``owner=None`` (no-ack consumers) the messages are deleted as they
-        are taken. Rows whose payload is not JSON come back with ``error`` set.
+        The cheap look before taking the write lock to claim, and what orders the
+        claims of several consumers of one connection (:meth:`Transport.deliver_in_order`).
         """
-        rows = self._write(CLAIM if owner else TAKE, _claim_params(queue, owner, limit, lease))[0]
+        params = {"queues": json.dumps(list(queues)), "now": time.time()}
+        return {
+            queue: (priority, row_id)
+            for queue, priority, row_id in self.conn.execute(self.sql(HEADS), params)
+        }
+
+    def claim(
+        self,
+        queues: Sequence[str],
+        *,
+        owner: str | None,
+        limit: int,
+        lease: float,
+        before: Place | None = None,
+    ) -> list[Claimed]:
+        """Claim up to ``limit`` messages of ``queues`` for ``owner`` in one transaction.
+
+        They come in delivery order (priority, then publish order, across the
+        queues), and only those before ``before``, the next message of another
+        consumer of the connection. With ``owner=None`` (no-ack consumers) the
+        messages are deleted as they are taken. Rows whose payload is not JSON
+        come back with ``error`` set.
+        """
+        params = _claim_params(queues, owner, limit, lease, before)
+        if len(queues) == 1:
+            statement = CLAIM if owner else TAKE
+        else:
+            # Picked by a read, claimed by id: another consumer's claim in between only
+            # means fewer rows (the claim checks each row is still ready).
+            params["ids"] = self._merged(self.conn, params)
+            if params["ids"] == "[]":
+                return []
+            statement = CLAIM_LISTED if owner else TAKE_LISTED
+        rows = self._write(statement, params)[0]
         return self._claimed(rows)
 
+    def _merged(self, conn: sqlite3.Connection, params: dict[str, Any]) -> str:
+        """The ids :data:`CLAIMABLE_MERGED` picks, as a JSON list for :data:`CLAIM_LISTED`."""
+        return json.dumps([row_id for (row_id,) in conn.execute(self.sql(CLAIMABLE_MERGED), params)])
+
     def ack_and_claim(
-        self, ack_ids: Sequence[int], queue: str, *, owner: str, limit: int, lease: float
+        self,
+        ack_ids: Sequence[int],
+        queues: Sequence[str],
+        *,
+        owner: str,
+        limit: int,
+        lease: float,
+        before: Place | None = None,
     ) -> tuple[int, list[Claimed]]:
-        """Delete ``ack_ids`` (still ours) and claim up to ``limit`` more, in one transaction.
+        """Delete ``ack_ids`` (still ours) and :meth:`claim` up to ``limit`` more, in one transaction.
 
         Returns how many of the acked rows were still ours, and the claimed messages.
         """
         with self.transaction() as conn:
             acked = conn.execute(self.sql(ACK_MANY), (owner, json.dumps(list(ack_ids)))).rowcount
-            rows = conn.execute(self.sql(CLAIM), _claim_params(queue, owner, limit, lease)).fetchall()
+            params = _claim_params(queues, owner, limit, lease, before)
+            statement = CLAIM
+            if len(queues) > 1:
+                params["ids"] = self._merged(conn, params)
+                statement = CLAIM_LISTED
+            rows = conn.execute(self.sql(statement), params).fetchall()
         return acked, self._claimed(rows)
 
     def _claimed(self, rows: list[Any]) -> list[Claimed]:
@@ -544,14 +647,14 @@ class Store:
 
     @staticmethod
     def _decode(row: Sequence[Any]) -> Claimed:
-        row_id, priority, text, delivery_count = row
+        row_id, priority, text, delivery_count, queue = row
         try:
             payload = json.loads(text)
             if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
                 raise ValueError("not a kombu message envelope")
         except ValueError as exc:
-            return Claimed(row_id, priority, None, False, f"stored payload is not a message: {exc}")
-        return Claimed(row_id, priority, payload, delivery_count > 1)
+            return Claimed(row_id, priority, None, False, queue, f"stored payload is not a message: {exc}")
+        return Claimed(row_id, priority, payload, delivery_count > 1, queue)
 
     def ack(self, row_id: int, owner: str) -> bool:
         """Delete a claimed message; False if the lease was lost to another consumer."""
