@@ -13,7 +13,10 @@ modules, so it also runs in-process in tests. For each delivery of a job:
   written while the disk is full by trying again (the job waits, unacked).
 
 Params past ``JOB_PARAMS_MAX_BYTES`` end ``error`` naming the limit (a message
-from a client with a larger limit). Runners are confined as
+from a client with a larger limit), and so do jobs past ``JOB_MAX_PAIRS`` or
+``JOB_MAX_OUTPUT_PIXELS``, before any work. A job runs under ``JOB_TIME_LIMIT``
+(:mod:`cl_tasks.limits`): past it its runner is killed and replaced, the row ends
+``error`` naming the limit, and the job is not retried (a limit, not a crash). Runners are confined as
 :mod:`cl_tasks.confinement` says and see only their job's files, which
 :mod:`cl_tasks.staging` stages in and out.
 
@@ -36,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from celery import Task, signals, states
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 
 from cl_tasks import hooks
@@ -45,6 +48,7 @@ from cl_tasks.catalog import compute_modules, is_compute
 from cl_tasks.confinement import detect
 from cl_tasks.jobs import Job, JobStore, job_store
 from cl_tasks.jobs_table import API_DEFAULTS
+from cl_tasks.limits import HARD_LIMIT_GRACE
 from cl_tasks.messages import params_too_large
 from cl_tasks.modules import Module, ModuleError, venv_python
 from cl_tasks.results import ResultBackend
@@ -277,8 +281,11 @@ class Engine:
         if module is None:
             raise JobError(f"no compute module for task type {task.name} on this worker")
         problem = params_too_large(len(_json(params).encode("utf-8")), settings.job_params_max_bytes)
+        problem = problem or settings.limits.refusal(params)
         if problem:
             raise JobError(problem)
+        # A call's own soft time limit may stop the job sooner (Celery raises SoftTimeLimitExceeded).
+        deadline = settings.limits.deadline()
         try:
             python = venv_python(settings.venv_dir, module)
         except ModuleError as exc:
@@ -286,7 +293,7 @@ class Engine:
         runner = self.runners.get(module, python, settings.server_dir, self.confinement)
         try:
             progress = Progress(task, self.store, owner)
-            return run_job(runner, task.request.id, task.name, params, progress, self.protected)
+            return run_job(runner, task.request.id, task.name, params, progress, self.protected, deadline)
         except JobError:
             if not runner.alive():
                 self.runners.discard(module)
@@ -342,4 +349,11 @@ def fail_job_on_failure(
     """Failures the task could not record itself (hard time limit, lost worker process)."""
     if sender is None or task_id is None or not is_compute(getattr(sender, "name", "")):
         return
-    engine().fail(sender.name, task_id, f"{type(exception).__name__}: {exception}")
+    if isinstance(exception, TimeLimitExceeded) and exception.args:
+        message = (
+            f"TimeLimitExceeded: the hard time limit of {exception.args[0]:g} s was exceeded and the pool"
+            f" process was replaced (the call's time_limit, else JOB_TIME_LIMIT + {HARD_LIMIT_GRACE:g} s)"
+        )
+    else:
+        message = f"{type(exception).__name__}: {exception}"
+    engine().fail(sender.name, task_id, message)

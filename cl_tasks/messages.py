@@ -24,6 +24,13 @@ Worker side (:class:`Consumer`, set as ``worker_consumer``):
   way instead of stopping the worker. Broker connection errors still propagate,
   so Celery reconnects as usual. What happens once a task *runs* is untouched.
 
+* Compressed bodies inflate with a bound on every broker: the worker's consumer
+  replaces kombu's zlib, bz2 and lzma decoders with :func:`transports.compression.inflate`
+  under the broker transport option ``max_inflated_bytes`` (64 MiB), so a bomb on
+  RabbitMQ or Redis is refused in one line (rejected without requeue) instead of
+  inflating unbounded in the worker's main process. The SQLite transport inflates
+  with the same bound itself, and dead-letters a bomb.
+
 Undecodable bodies (not JSON, a refused content type such as pickle) are left
 to Celery and the transport, which already dead-letter them.
 """
@@ -36,13 +43,21 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu import compression
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.serialization import prepare_accept_content
 
+from transports.compression import DEFAULT_MAX_INFLATED_BYTES, InflateRefused, inflate
 from transports.sqlite import SQLiteMessage
 
 logger = logging.getLogger(__name__)
 
+#: kombu's compression content types whose decoders get a bound, with their aliases.
+BOUNDED_COMPRESSIONS = {
+    "application/x-gzip": ["gzip", "zlib"],
+    "application/x-bz2": ["bzip2", "bzip"],
+    "application/x-lzma": ["lzma", "xz"],
+}
 #: Celery's protocol-2 body: positional args, keyword args, the canvas "embed" object.
 BODY_SHAPE = "[args (a list), kwargs (an object), embed (an object)]"
 
@@ -106,8 +121,39 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {json.dumps(value, default=repr)[:80]}"
 
 
+def bound_compression(limit: int) -> None:
+    """kombu's zlib, bz2 and lzma decoders inflate at most ``limit`` bytes in this process.
+
+    kombu's own encoders are kept. Past the bound the decoder raises
+    :class:`~transports.compression.InflateRefused`, which kombu hands to the
+    consumer's ``on_decode_error``.
+    """
+    for content_type, aliases in BOUNDED_COMPRESSIONS.items():
+        encoder, _ = compression.get_encoder(content_type)
+        compression.register(encoder, _bounded_decoder(content_type, limit), content_type, aliases=aliases)
+
+
+def _bounded_decoder(content_type: str, limit: int) -> Callable[[bytes], bytes]:
+    def decode(body: bytes | str) -> bytes:
+        return inflate(body.encode("utf-8") if isinstance(body, str) else body, content_type, limit)
+
+    return decode
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer, with one poisonous message unable to stop the worker."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.app.conf.broker_transport_options or {}
+        bound_compression(int(options.get("max_inflated_bytes", DEFAULT_MAX_INFLATED_BYTES)))
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """A compression bomb is refused in one line; other undecodable bodies go Celery's way."""
+        if isinstance(exc, InflateRefused):
+            self._refuse(message, f"refused unread: {exc}")
+            return
+        super().on_decode_error(message, exc)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         receive = super().create_task_handler(*args, **kwargs)

@@ -55,6 +55,7 @@ from typing import IO, Any
 
 from cl_tasks.confinement import Confinement
 from cl_tasks.diskspace import DISK_FULL_NAMES
+from cl_tasks.limits import Deadline
 from cl_tasks.modules import Module
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class RunnerCrashed(JobError):
 
 class RunnerDiskFull(JobError):
     """The runner could not write for lack of space (its error line says ``ENOSPC``/``EDQUOT``)."""
+
+
+class JobTimedOut(JobError):
+    """The job ran past its deadline and its runner was killed: a limit, so it is not tried again."""
 
 
 def _die_with_parent() -> None:
@@ -144,10 +149,38 @@ class Runner:
         params: dict[str, Any],
         on_progress: Callable[[float], None],
         root: str | None = None,
+        deadline: Deadline | None = None,
     ) -> Any:
-        """Run one job (paths inside ``root``); returns its output or raises :class:`JobError`."""
-        assert self.process.stdin is not None and self.process.stdout is not None
+        """Run one job (paths inside ``root``); returns its output or raises :class:`JobError`.
+
+        At ``deadline`` a timer kills the runner's process group, whatever it is
+        blocked in (``open`` of a FIFO, a read, a full stdin pipe on our side), and
+        the job raises :class:`JobTimedOut` with the deadline's message.
+        """
         spec = {"job_id": job_id, "task_type": task_type, "params": params, "root": root or str(self.root)}
+        if deadline is None:
+            return self._exchange(spec, on_progress)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self._kill_group()
+
+        timer = threading.Timer(deadline.remaining(), expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._exchange(spec, on_progress)
+        except JobError:
+            if expired.is_set():
+                raise JobTimedOut(deadline.message) from None
+            raise
+        finally:
+            timer.cancel()
+
+    def _exchange(self, spec: dict[str, Any], on_progress: Callable[[float], None]) -> Any:
+        """Send one job spec, read the runner's lines until its result or error."""
+        assert self.process.stdin is not None and self.process.stdout is not None
         try:
             self.process.stdin.write(json.dumps(spec) + "\n")
             self.process.stdin.flush()
@@ -190,11 +223,14 @@ class Runner:
         tail = " | ".join(list(self._stderr_tail)[-5:])
         return RunnerCrashed(f"runner of module {self.module.name} exited with code {code} mid-job: {tail}")
 
-    def kill(self) -> None:
-        """Stop the runner and everything it started (its whole process group)."""
+    def _kill_group(self) -> None:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """Stop the runner and everything it started (its whole process group)."""
+        self._kill_group()
         self.process.wait(timeout=10)
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)

@@ -27,6 +27,9 @@ Defaults (decided here, documented in the README):
   ends ``error`` naming the limit (API rows), or is refused at submit (``.delay``,
   ``submit_job``). Params name files under ``CL_SERVER_DIR``; they are not a way to
   ship data, and every byte of them crosses the broker and the jobs table.
+* ``JOB_TIME_LIMIT`` (1800 s), ``JOB_MAX_PAIRS`` (1000 paths per list parameter),
+  ``JOB_MAX_OUTPUT_PIXELS`` (100,000,000): the limits of one job, decided in
+  :mod:`cl_tasks.limits`; each refusal names its limit.
 * ``BROKER_VISIBILITY_TIMEOUT``: 60.0 s; a broker message taken by a worker that
   died comes back after this long (SQLite and Redis brokers; RabbitMQ notices the
   closed connection at once). The SQLite transport extends it while the worker
@@ -56,6 +59,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
+
+from cl_tasks.limits import DEFAULT_MAX_OUTPUT_PIXELS, DEFAULT_MAX_PAIRS, DEFAULT_TIME_LIMIT, JobLimits
 
 #: Folder used when ``CL_SERVER_DIR`` is not set (relative to the working directory).
 DEFAULT_SERVER_DIR = "data"
@@ -134,6 +139,7 @@ class Settings:
     worker_id: str | None
     job_params_max_bytes: int = DEFAULT_JOB_PARAMS_MAX_BYTES
     runner_confinement: str = "on"
+    limits: JobLimits = field(default_factory=JobLimits)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -193,6 +199,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         worker_id=_worker_id(env.get("WORKER_ID") or None),
         job_params_max_bytes=_positive_int(env, "JOB_PARAMS_MAX_BYTES", DEFAULT_JOB_PARAMS_MAX_BYTES),
         runner_confinement=_confinement(env),
+        limits=JobLimits(
+            time_limit=_positive(env, "JOB_TIME_LIMIT", DEFAULT_TIME_LIMIT),
+            max_pairs=_positive_int(env, "JOB_MAX_PAIRS", DEFAULT_MAX_PAIRS),
+            max_output_pixels=_positive_int(env, "JOB_MAX_OUTPUT_PIXELS", DEFAULT_MAX_OUTPUT_PIXELS),
+        ),
     )
 
 

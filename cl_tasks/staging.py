@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_tasks.diskspace import SpaceWait, existing_folder, fullest, is_disk_full, when_space
+from cl_tasks.limits import Deadline
 from cl_tasks.paths import confine, is_path_param
 from cl_tasks.runner import JobError, Runner, RunnerDiskFull
 from cl_tasks.settings import Settings, sqlite_path
@@ -494,11 +495,15 @@ def run_job(
     params: dict[str, Any],
     on_progress: Callable[[float], None],
     protected: Protected,
+    deadline: Deadline | None = None,
 ) -> Any:
     """Run one job on ``runner`` with its files staged; returns its output or raises JobError.
 
     A runner that reports its write failed for lack of space (:class:`RunnerDiskFull`)
-    runs the job again after a pause, with its files staged afresh.
+    runs the job again after a pause, with its files staged afresh. ``deadline`` bounds
+    the runner's part (:meth:`Runner.run`); staging is the worker's own file work,
+    bounded by Celery's hard time limit (:mod:`cl_tasks.limits`). A wait for space
+    counts against both.
     """
     space = SpaceWait(job_id)
     roles = dict(runner.module.path_roles)
@@ -507,7 +512,7 @@ def run_job(
             files = JobFiles(runner.root, runner.root, "", protected, roles, space=space)
             checked = files.check(params)
             try:
-                output = runner.run(job_id, task_type, checked, on_progress)
+                output = runner.run(job_id, task_type, checked, on_progress, deadline=deadline)
             except RunnerDiskFull as exc:
                 space.pause(
                     f"what its runner writes ({exc})", fullest(files.output_folders()), then="running again"
@@ -516,7 +521,9 @@ def run_job(
             space.went_through()
             return output
         try:
-            return _run_staged(runner, job_id, task_type, params, on_progress, protected, roles, space)
+            return _run_staged(
+                runner, job_id, task_type, params, on_progress, protected, roles, space, deadline
+            )
         except RunnerDiskFull as exc:
             space.pause(f"what its runner writes ({exc})", str(runner.scratch), then="running again")
 
@@ -530,13 +537,14 @@ def _run_staged(
     protected: Protected,
     roles: dict[str, str],
     space: SpaceWait,
+    deadline: Deadline | None,
 ) -> Any:
     host, inside = runner.job_folder()
     files = JobFiles(runner.root, host, inside, protected, roles, space=space)
     try:
         staged = files.stage(params)
         try:
-            output = runner.run(job_id, task_type, staged, on_progress, root=inside)
+            output = runner.run(job_id, task_type, staged, on_progress, root=inside, deadline=deadline)
         except JobError as exc:
             # Same kind (a crashed runner stays retryable), host paths in the message.
             raise type(exc)(files.for_message(str(exc))) from None

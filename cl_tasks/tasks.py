@@ -25,6 +25,7 @@ from cl_tasks.catalog import compute_modules, is_compute
 from cl_tasks.execution import engine
 from cl_tasks.jobs_table import JOB_PRIORITIES
 from cl_tasks.runner import JobError
+from cl_tasks.settings import current
 
 
 class ComputeTask(Task):  # type: ignore[misc]
@@ -98,6 +99,14 @@ def submit_job(task_type: str, params: dict[str, Any], priority: int | None = No
 
 @signals.worker_init.connect
 def register_discovered_tasks(**_: Any) -> None:
-    """Every discovered task type becomes a task before the worker consumes."""
+    """Every discovered task type becomes a task before the worker consumes.
+
+    Each gets Celery's hard time limit ``JOB_TIME_LIMIT`` + a grace (unless
+    ``task_time_limit`` is configured): the backstop that replaces a pool process
+    stuck in the worker's own file work (:mod:`cl_tasks.limits`). Set here, in the
+    worker only, so clients never put it into their messages.
+    """
+    hard_limit = current().limits.hard_time_limit
     for task_type in compute_modules():
-        register(task_type)
+        task = register(task_type)
+        task.time_limit = task.time_limit or hard_limit

@@ -584,6 +584,41 @@ def test_checkpoint_never_locks_the_api_out_while_a_reader_holds_a_snapshot(tmp_
     api.close()
 
 
+@pytest.mark.parametrize("compression", ["zlib", "bzip2", "lzma"])
+def test_compressed_bodies_inflate_within_the_bound_and_a_bomb_is_dead_lettered(
+    sqlite_url: str, compression: str
+) -> None:
+    # Given a 1 MiB bound, a compressed message under it, one that inflates past it, one more
+    options = {"max_inflated_bytes": 1024 * 1024}
+    with Connection(sqlite_url, transport_options=options) as conn:
+        publish(conn, "a" * 1000, compression=compression)
+        publish(conn, "b" * (2 * 1024 * 1024), compression=compression)
+        publish(conn, {"after": "bomb"}, compression=compression)
+        # When a consumer drains the queue
+        bodies = drain_queue(QUEUE(conn.channel()))
+    # Then the two within the bound arrive, the bomb is a dead letter naming the bound
+    assert bodies == ["a" * 1000, {"after": "bomb"}]
+    dead = query(db_path(sqlite_url), "SELECT reason FROM kombu_dead_letter")
+    assert len(dead) == 1
+    assert "inflates past max_inflated_bytes=1048576" in str(dead[0]["reason"])
+    assert stored(sqlite_url) == 0
+
+
+def test_a_compression_without_a_bounded_decoder_is_dead_lettered(sqlite_url: str) -> None:
+    with Connection(sqlite_url) as conn:
+        Producer(conn.channel()).publish(
+            b"\x00" * 10,
+            exchange=EXCHANGE,
+            routing_key="work",
+            declare=[QUEUE],
+            content_type="application/data",
+            headers={"compression": "application/x-brotli"},
+        )
+        assert drain_queue(QUEUE(conn.channel())) == []
+    dead = query(db_path(sqlite_url), "SELECT reason FROM kombu_dead_letter")
+    assert "compression 'application/x-brotli' cannot be inflated with a bound" in str(dead[0]["reason"])
+
+
 def test_a_property_that_is_not_json_is_dropped_with_one_warning(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -102,6 +102,11 @@ string wins, being the more specific place):
 * ``sweep_interval`` (30.0): seconds between sweeps of expired messages and
   queues and old dead letters.
 * ``dead_letter_retention`` (604800.0, a week): seconds dead letters are kept.
+* ``max_inflated_bytes`` (64 MiB): most bytes a compressed body (kombu's
+  ``compression`` header: zlib, bz2, lzma) may inflate to. It is inflated
+  incrementally (:mod:`transports.compression`) and a body past the bound, a
+  compression bomb (3 KB of bz2 can hold 3 GiB), is dead-lettered with one log
+  line, never inflated unbounded; codecs without a bounded decoder are refused.
 * ``expired_task_grace`` (86400.0, a day): seconds a Celery task message past
   its ``expires`` stays deliverable, so that a worker receives it and stores
   its ``REVOKED`` result (see *Supports TTL*).
@@ -134,6 +139,7 @@ from kombu.transport import virtual
 from kombu.transport.virtual.base import NotEquivalentError
 
 from transports.acks import AckBuffer
+from transports.compression import DEFAULT_MAX_INFLATED_BYTES, InflateRefused, inflate
 from transports.process import PerProcess
 from transports.replaced import DatabaseGone
 from transports.store import Claimed, DatabaseFull, DatabaseUnavailable, Place, Store, delivery_key
@@ -167,6 +173,7 @@ class Options:
     wal_size_limit: int = 4 * 1024 * 1024
     sweep_interval: float = 30.0
     dead_letter_retention: float = 7 * 24 * 3600.0
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
     expired_task_grace: float = 24 * 3600.0
 
     @classmethod
@@ -210,7 +217,12 @@ class SQLiteMessage(virtual.Message):
     """
 
     def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
+        raw = payload
+        compression = (payload.get("headers") or {}).get("compression")
+        if compression and channel is not None:
+            payload = _inflated(payload, channel, str(compression))
         super().__init__(payload, channel=channel, **kwargs)
+        self._raw = raw
         self.row_id = int(str(self.delivery_tag).split(".", 1)[0])
         #: The queue this message was claimed from (for dead-lettering).
         self.consumed_from = ""
@@ -224,6 +236,23 @@ class SQLiteMessage(virtual.Message):
         except Exception as exc:
             self.channel.dead_letter(self, f"cannot decode body: {exc!r}")
             raise
+
+
+def _inflated(payload: dict[str, Any], channel: Channel, compression: str) -> dict[str, Any]:
+    """``payload`` with its body inflated under ``max_inflated_bytes`` (:class:`InflateRefused` past it).
+
+    kombu would inflate it in ``Message.__init__`` with no bound: the body is inflated
+    here instead, and the copy handed on has no ``compression`` header and no body
+    encoding left, so kombu takes the bytes as they are.
+    """
+    properties = dict(payload["properties"])
+    body = payload.get("body") or b""
+    body = channel.decode_body(body, properties.pop("body_encoding", None))
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    headers = {key: value for key, value in payload["headers"].items() if key != "compression"}
+    inflated = inflate(body, compression, channel.options.max_inflated_bytes)
+    return {**payload, "body": inflated, "properties": properties, "headers": headers}
 
 
 class QoS(virtual.QoS):
@@ -591,9 +620,11 @@ class Channel(virtual.Channel):
             return None
         try:
             message = SQLiteMessage(raw, channel=self)
+        except InflateRefused as exc:
+            self._dead_letter_row(_row_id(raw), queue, f"refused unread: {exc}", raw=raw)
+            return None
         except Exception as exc:
-            row_id = int(str(raw["properties"]["delivery_tag"]).split(".", 1)[0])
-            self._dead_letter_row(row_id, queue, f"cannot read message: {exc!r}", raw=raw)
+            self._dead_letter_row(_row_id(raw), queue, f"cannot read message: {exc!r}", raw=raw)
             return None
         message.consumed_from = queue
         if not no_ack:
@@ -719,6 +750,10 @@ class Channel(virtual.Channel):
             self.flush_acks()
             self._settle_unsettled()
         super().close()
+
+
+def _row_id(raw: dict[str, Any]) -> int:
+    return int(str(raw["properties"]["delivery_tag"]).split(".", 1)[0])
 
 
 #: The channel class under a name that ``Transport.Channel`` (kombu's attribute) does not shadow.
