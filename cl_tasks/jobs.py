@@ -521,6 +521,8 @@ class JobStore:
         with self.transaction() as conn:
             row = conn.execute(self._statement("claim_job", self._claim_job), params).first()
             if row is None:
+                # Cancelled (the API deleted the row): its intake mark goes with it.
+                conn.execute(self._statement("end_intake", self._end_intake), params)
                 return Claim("missing", None)
             job = self._job(row)
             if job.status in (COMPLETED, ERROR):
