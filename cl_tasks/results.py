@@ -116,7 +116,8 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     key_t = staticmethod(bytes_to_str)
     supports_native_join = True
     implements_incr = True
-    _ready = False
+    #: The engine whose tables exist (a new process, or new settings, make a new engine).
+    _tables_on: Any = None
 
     def success_writer(self, task_id: str, output: Any, request: Any) -> Callable[[Connection], Any]:
         """A write of ``task_id``'s SUCCESS document, to run inside another transaction.
@@ -146,9 +147,9 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def _engine(self) -> Any:
         engine = job_store().engine
-        if not self._ready:
+        if self._tables_on is not engine:
             create_tables(metadata, engine)
-            self._ready = True
+            self._tables_on = engine
         return engine
 
     @contextmanager
