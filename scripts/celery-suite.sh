@@ -118,11 +118,12 @@ run_stack() {
   # -p transports: registers our sqlite:// broker alias. Our backend reads DATABASE_URL, here the
   # media_store.db of CL_SERVER_DIR, the file the broker uses too. BROADCAST_TYPE=noop: the suite's
   # worker must not announce itself on the machine's MQTT broker.
-  local status=0
+  local status=0 junit_prefix=""
+  [ "$ci" = 0 ] || junit_prefix="ci-"
   (cd "$suite" && env TEST_BROKER="$broker" TEST_BACKEND="$backend" CL_SERVER_DIR="$work/data" \
     BROADCAST_TYPE=noop REDIS_HOST=127.0.0.1 REDIS_PORT=6379 \
     "$root/.venv/bin/python" -m pytest -p celery.contrib.pytest -p transports -p no:cacheprovider \
-    --rootdir "$suite" -q -rfE --timeout 300 --junitxml "$results/$stack.xml" \
+    --rootdir "$suite" -q -rfE --timeout 300 --junitxml "$results/$junit_prefix$stack.xml" \
     "${selection[@]}" ${options[@]+"${options[@]}"}) || status=$?
   rm -rf "$work"
   return "$status"
