@@ -49,6 +49,7 @@ from celery import states
 from celery.backends.base import KeyValueStoreBackend, _create_chord_error_with_cause
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
+from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import GroupResult, allow_join_result
 from celery.utils.log import get_logger
 from kombu.utils.encoding import bytes_to_str
@@ -225,14 +226,23 @@ class ResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     ) -> Any:
         """Celery's poll loop, looking every :data:`POLL_INTERVAL` s at most.
 
-        ``on_interval`` (``get()``'s check of the parents) runs once before the first
-        look, as Celery's Redis backend does: a chord whose header failed raises the
-        header's error, even when the body's ChordError is already stored.
+        ``on_interval`` (``get()``'s check of the parents) runs after each look, also
+        the look that finds the result ready, as Celery's Redis backend does: a chord
+        whose header failed raises the header's error (stored before the body's
+        ChordError), not the ChordError.
         """
-        if on_interval is not None:
-            on_interval()
+        self._ensure_not_eager()
         interval = min(interval, POLL_INTERVAL)
-        return super().wait_for(task_id, timeout, interval, no_ack=no_ack, on_interval=on_interval)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            meta = self.get_task_meta(task_id)
+            if on_interval is not None:
+                on_interval()
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout("The operation timed out.")
+            time.sleep(interval)
 
     def get_many(
         self, task_ids: Any, timeout: float | None = None, interval: float | None = 0.5, **kwargs: Any
