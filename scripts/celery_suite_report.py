@@ -40,6 +40,10 @@ CAUSES: dict[str, str] = {
         " `Store.put` raises `TypeError`, which the signal dispatcher swallows"
         " (issue 17, the transport half: branch `delivery`)"
     ),
+    "t/integration/test_canvas.py::test_result_set::test_join_exhausted_timeout": (
+        "the suite skips it unless the backend is Redis or rpc; covered by"
+        " tests/test_results.py::test_join_native_gives_up_at_its_timeout"
+    ),
     "t/integration/test_canvas.py::test_chord::test_error_propagates_from_chord": (
         "the suite marks it xfail for Redis only (Celery issue #6437); it fails the same way on"
         " our backend (a chain's failure never reaches a group after it), so it counts as failed"
