@@ -31,7 +31,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, _state, signals
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
@@ -79,7 +79,10 @@ class App(Celery):  # type: ignore[misc]
         return super().send_task(task_type, kwargs=params, task_id=job_id, queue=task_type, priority=priority)
 
 
-app = App("cl_tasks", events="cl_tasks.events:Events")
+# Our app becomes Celery's current app, unless a process already made another app current:
+# a foreign app that uses our result backend (``cl_tasks.results``, whose import loads this
+# package) must keep its own, or its pool processes look its tasks up in ours.
+app = App("cl_tasks", events="cl_tasks.events:Events", set_as_current=_state._tls.current_app is None)
 app.config_from_object("cl_tasks.config:CELERY_CONFIG")
 app.conf.task_routes = ("cl_tasks.tasks.route",)
 app.conf.worker_consumer = "cl_tasks.messages:Consumer"
