@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -206,15 +207,28 @@ def submit(
 
 
 def _follow(job_id: str, timeout: float, update: ProgressUpdate) -> Any:
-    store = job_store()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = store.get(job_id)
-        if row is not None:
-            update(float(row.progress), row.status)
-        if row is not None and row.status in ("completed", "error"):
-            return row
-        time.sleep(FOLLOW_EVERY)
+    """Poll ``job_id``'s row until it ends; Ctrl-C raises KeyboardInterrupt between two looks.
+
+    Ctrl-C only sets a flag: a KeyboardInterrupt raised anywhere (inside SQLAlchemy's
+    pool or the database driver, holding one of their locks) could leave the process
+    unable to exit; between two looks nothing is held.
+    """
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: interrupted.append(signum))
+    try:
+        store = job_store()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not interrupted:
+            row = store.get(job_id)
+            if row is not None:
+                update(float(row.progress), row.status)
+            if row is not None and row.status in ("completed", "error"):
+                return row
+            time.sleep(FOLLOW_EVERY)  # a signal ends no sleep early (PEP 475): <= 0.2 s to notice
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
     raise CommandError(f"job {job_id} did not end within {timeout:g} s; see `cl-tasks job {job_id}`")
 
 

@@ -123,7 +123,12 @@ def test_ctrl_c_under_submit_wait_says_the_job_goes_on(jobs_env: dict[str, str],
     assert follow.stdout.readline().strip() == "progress 0%"  # it is following
     # When the operator presses Ctrl-C
     follow.send_signal(signal.SIGINT)
-    _, err = follow.communicate(timeout=30)
+    try:
+        _, err = follow.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        follow.kill()
+        _, err = follow.communicate()
+        raise AssertionError(f"submit --wait did not end on Ctrl-C; its stderr: {err}") from None
     # Then one line says the job goes on and how to follow it; no traceback
     assert follow.returncode == 130
     assert err.strip() == (
