@@ -507,6 +507,22 @@ def run_job(
     """
     space = SpaceWait(job_id)
     roles = dict(runner.module.path_roles)
+
+    def staged() -> Any:
+        host, inside = runner.job_folder()
+        files = JobFiles(runner.root, host, inside, protected, roles, space=space)
+        try:
+            inputs = files.stage(params)
+            try:
+                output = runner.run(job_id, task_type, inputs, on_progress, root=inside, deadline=deadline)
+            except JobError as exc:
+                # Same kind (a crashed runner stays retryable), host paths in the message.
+                raise type(exc)(files.for_message(str(exc))) from None
+            files.place_outputs()
+            return files.for_output(output)
+        finally:
+            files.clean()
+
     while True:
         if runner.scratch is None:
             files = JobFiles(runner.root, runner.root, "", protected, roles, space=space)
@@ -521,34 +537,6 @@ def run_job(
             space.went_through()
             return output
         try:
-            return _run_staged(
-                runner, job_id, task_type, params, on_progress, protected, roles, space, deadline
-            )
+            return staged()
         except RunnerDiskFull as exc:
             space.pause(f"what its runner writes ({exc})", str(runner.scratch), then="running again")
-
-
-def _run_staged(
-    runner: Runner,
-    job_id: str,
-    task_type: str,
-    params: dict[str, Any],
-    on_progress: Callable[[float], None],
-    protected: Protected,
-    roles: dict[str, str],
-    space: SpaceWait,
-    deadline: Deadline | None,
-) -> Any:
-    host, inside = runner.job_folder()
-    files = JobFiles(runner.root, host, inside, protected, roles, space=space)
-    try:
-        staged = files.stage(params)
-        try:
-            output = runner.run(job_id, task_type, staged, on_progress, root=inside, deadline=deadline)
-        except JobError as exc:
-            # Same kind (a crashed runner stays retryable), host paths in the message.
-            raise type(exc)(files.for_message(str(exc))) from None
-        files.place_outputs()
-        return files.for_output(output)
-    finally:
-        files.clean()
