@@ -235,18 +235,27 @@ def peak_rss(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
-@pytest.fixture
-def bomb_worker(data: Path) -> Iterator[Worker]:
-    """A ledger_echo worker whose every process may use at most WORKER_ADDRESS_SPACE."""
-    env = support.compute_env(data, MALLOC_ARENA_MAX="2")
+def _limited_worker(data: Path, name: str, **env: str) -> Iterator[Worker]:
+    """A ledger_echo worker named ``name`` whose every process may use at most WORKER_ADDRESS_SPACE."""
     prefix = ("prlimit", f"--as={WORKER_ADDRESS_SPACE}", "--")
-    log = data.parent / "bomb-worker.log"
-    worker = Worker(env, log, "-n", "bomb@%h", "-Q", "ledger_echo", "-c", "1", prefix=prefix)
+    log = data.parent / f"{name}-worker.log"
+    worker = Worker(
+        support.compute_env(data, MALLOC_ARENA_MAX="2", **env),
+        log,
+        *("-n", f"{name}@%h", "-Q", "ledger_echo", "-c", "1"),
+        prefix=prefix,
+    )
     try:
         worker.wait_ready()
         yield worker
     finally:
         worker.stop()
+
+
+@pytest.fixture
+def bomb_worker(data: Path) -> Iterator[Worker]:
+    """A ledger_echo worker on the SQLite broker, under WORKER_ADDRESS_SPACE."""
+    yield from _limited_worker(data, "bomb")
 
 
 @pytest.mark.parametrize(
@@ -289,15 +298,7 @@ def redis_bomb_worker(data: Path) -> Iterator[Worker]:
     assert support.port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379"
     with Connection(REDIS_BROKER) as conn:
         conn.default_channel.client.flushdb()
-    env = support.compute_env(data, MALLOC_ARENA_MAX="2", CELERY_BROKER_URL=REDIS_BROKER)
-    prefix = ("prlimit", f"--as={WORKER_ADDRESS_SPACE}", "--")
-    log = data.parent / "redis-bomb-worker.log"
-    worker = Worker(env, log, "-n", "redis-bomb@%h", "-Q", "ledger_echo", "-c", "1", prefix=prefix)
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop()
+    yield from _limited_worker(data, "redis-bomb", CELERY_BROKER_URL=REDIS_BROKER)
 
 
 def test_a_compression_bomb_on_redis_is_refused_in_one_line(data: Path, redis_bomb_worker: Worker) -> None:
