@@ -194,15 +194,35 @@ def test_revoke_terminate_stops_the_runner_and_fails_the_row(
     assert all_gone(runners)
 
 
+def cmdline(pid: int) -> str:
+    """``pid``'s argv joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").strip()
+    except OSError:
+        return ""
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(proc.name)
+        for proc in Path("/proc").iterdir()
+        if proc.name.isdigit() and parent_of(int(proc.name)) == pid
+    ]
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, their children, ...)."""
     parents: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
+        parent = parent_of(int(proc.name)) if proc.name.isdigit() else None
+        if parent is not None:
             parents.setdefault(parent, []).append(int(proc.name))
     found, todo = [], [pid]
     while todo:
@@ -230,9 +250,19 @@ def test_pool_processes_start_their_runners_before_the_first_job(
 ) -> None:
     # Given a prefork worker with two processes for ledger_echo, and no job sent
     worker = start_worker(jobs_env, "-Q", "ledger_echo", "-c", "2")
-    # Then each pool process has started its runner already: no job waits for one
-    poll(lambda: len(runners_below(worker.process.pid, "ledger_tools")) >= 2, 15)
-    assert len(runners_below(worker.process.pid, "ledger_tools")) == 2, worker.text()[-2000:]
+    # Then each of the two pool processes has started one runner already: no job waits for one
+    pools = [pid for pid in children(worker.process.pid) if "celery" in cmdline(pid)]
+
+    def one_runner_each() -> dict[int, list[int]] | None:
+        found = {pool: runners_below(pool, "ledger_tools") for pool in pools}
+        return found if all(len(runners) == 1 for runners in found.values()) else None
+
+    def tree() -> str:
+        rows = [f"{pid} <- {parent_of(pid)}: {cmdline(pid)[:120]}" for pid in descendants(worker.process.pid)]
+        return "one runner per pool process\n" + "\n".join(rows) + "\n" + worker.text()[-2000:]
+
+    assert len(pools) == 2, tree()
+    wait_until(one_runner_each, 30, tree)
 
 
 def test_a_bundled_queue_without_its_module_is_not_consumed_and_its_jobs_wait(
