@@ -19,6 +19,9 @@
   last (it must be back under the transport's bound, 4 MiB, once readers finish).
 
 Targets (issue 14): 0 failures, max < 1 s, busy p99 <= 2x the no-worker p99.
+The worker runs with the caller's environment: ``DB_WRITE_SHARE=0.05 python -m
+bench.api_latency`` measures a write-lock budget (cl_tasks.writeshare); the result
+records the share and the rate of load jobs the busy phases completed.
 On a 2-core machine a busy worker keeps both cores busy decoding photos; the control
 phase shows what that alone costs the API, database aside.
 """
@@ -39,6 +42,7 @@ from typing import Any
 
 from PIL import Image
 
+from bench.album import BOXES, make_album
 from bench.harness import PYTHON, ROOT, api_database, percentile
 from bench.jobs import _params, _start_worker, insert_api_row
 
@@ -82,14 +86,21 @@ def probe(database: str, seconds: float) -> None:
 
 
 class Load:
-    """Keeps ``BACKLOG`` small image_resize rows queued while running; watches the ``-wal``."""
+    """Keeps ``BACKLOG`` image_resize rows queued while running; watches the ``-wal``.
 
-    def __init__(self, server: Path) -> None:
+    The rows resize small PNGs (64 px: the most jobs, so the most write transactions,
+    a second), or with ``photos`` 12 MP JPEGs to the album bench's thumbnail or
+    preview (the work of an album upload).
+    """
+
+    def __init__(self, server: Path, *, photos: bool = False) -> None:
         self.database = server / "media_store.db"
         self.wal = Path(f"{self.database}-wal")
-        (server / "in").mkdir(exist_ok=True)
-        for n in range(BACKLOG):
-            Image.new("RGB", (64, 64), (n * 10, 80, 160)).save(server / "in" / f"{n}.png")
+        self.photos = make_album(server / "photos", BACKLOG) if photos else None
+        if self.photos is None:
+            (server / "in").mkdir(exist_ok=True)
+            for n in range(BACKLOG):
+                Image.new("RGB", (64, 64), (n * 10, 80, 160)).save(server / "in" / f"{n}.png")
         self.busy = threading.Event()
         self.stop = threading.Event()
         self.largest_wal = 0
@@ -112,9 +123,23 @@ class Load:
             self.largest_wal = max(self.largest_wal, self.wal.stat().st_size if self.wal.exists() else 0)
             if self.busy.is_set():
                 for _ in range(BACKLOG - self._queued()):
-                    insert_api_row(self.database, f"load-{self.jobs}", _params(self.jobs % BACKLOG))
+                    insert_api_row(self.database, f"load-{self.jobs}", self._params(self.jobs))
                     self.jobs += 1
             self.stop.wait(0.05)
+
+    def _params(self, n: int) -> dict[str, Any]:
+        if self.photos is None:
+            return _params(n % BACKLOG)
+        kind, box = list(BOXES.items())[n % len(BOXES)]
+        photo = self.photos[n % len(self.photos)]
+        target = f"out/{kind}/{n % BACKLOG}.jpg"
+        return {
+            "input_paths": [str(photo)],
+            "output_paths": [target],
+            "width": box,
+            "height": box,
+            "maintain_aspect_ratio": True,
+        }
 
     def take_largest_wal(self) -> int:
         largest, self.largest_wal = self.largest_wal, 0
@@ -156,12 +181,12 @@ def _hold_snapshot(database: Path, seconds: float) -> threading.Thread:
     return thread
 
 
-def measure(workdir: Path, seconds: float, concurrency: int = 2) -> dict[str, Any]:
+def measure(workdir: Path, seconds: float, concurrency: int = 2, *, photos: bool = False) -> dict[str, Any]:
     server = workdir / "api-latency"
     server.mkdir(parents=True)
     database = server / "media_store.db"
     api_database(database)
-    load = Load(server)
+    load = Load(server, photos=photos)
     phases: dict[str, dict[str, Any]] = {"no worker": _phase(database, seconds, load)}
     hogs = [subprocess.Popen([PYTHON, "-c", CPU_HOG]) for _ in range(os.cpu_count() or 2)]
     try:
@@ -175,11 +200,13 @@ def measure(workdir: Path, seconds: float, concurrency: int = 2) -> dict[str, An
         load.take_largest_wal()
         phases["idle worker"] = _phase(database, seconds, load)
         load.busy.set()
+        busy_from = time.monotonic()
         phases["busy worker"] = _phase(database, seconds, load)
         reader = _hold_snapshot(database, READER_HOLDS)
         phases["busy + 20 s reader"] = _phase(database, READER_HOLDS, load)
         reader.join()
         phases["busy, after the reader"] = _phase(database, seconds, load)
+        busy_seconds = time.monotonic() - busy_from
         wal_at_end = load.wal.stat().st_size if load.wal.exists() else 0
         jobs_run = load.jobs
         completed = _completed_load_jobs(database)
@@ -199,6 +226,10 @@ def measure(workdir: Path, seconds: float, concurrency: int = 2) -> dict[str, An
         "wal_at_end_bytes": wal_at_end,
         "load_jobs": jobs_run,
         "load_jobs_completed": completed,
+        "load_jobs_per_second": completed / busy_seconds,
+        "load": "12 MP JPEG thumbnails and previews" if photos else "64 px PNGs",
+        # The worker's write-lock budget (cl_tasks.writeshare), from the environment.
+        "db_write_share": float(os.environ.get("DB_WRITE_SHARE") or 1),
     }
 
 
@@ -233,6 +264,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         f"-wal at the end: {result['wal_at_end_bytes'] / 1e6:.2f} MB (bound {WAL_BOUND / 1e6:.1f} MB);"
         f" load jobs inserted: {result['load_jobs']}, completed: {result['load_jobs_completed']}"
+        f" ({result['load_jobs_per_second']:.0f} a second, {result['load']});"
+        f" DB_WRITE_SHARE={result['db_write_share']:g}"
     )
     return "\n".join(lines)
 
@@ -241,6 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     parser.add_argument("-c", "--concurrency", type=int, default=2, help="the worker's -c")
+    parser.add_argument("--photos", action="store_true", help="busy with 12 MP photos, not 64 px PNGs")
     parser.add_argument("--probe", metavar="DATABASE", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api-latency.json")
     args = parser.parse_args()
@@ -248,7 +282,7 @@ def main() -> None:
         probe(args.probe, args.seconds)
         return
     with tempfile.TemporaryDirectory(prefix="cl-tasks-api-latency-") as workdir:
-        result = measure(Path(workdir), args.seconds, args.concurrency)
+        result = measure(Path(workdir), args.seconds, args.concurrency, photos=args.photos)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

@@ -182,6 +182,7 @@ class Engine:
         """Run one job to ``completed`` or ``error`` (raising :class:`JobError` for the latter)."""
         store, job_id = self.store, task.request.id
         owner = f"{task.request.hostname}:{os.getpid()}:{job_id}"
+        store.pace()  # the API's writers first: within DB_WRITE_SHARE of the write lock
         claim = written(lambda: store.claim(job_id, owner, self.settings.job_lease))
         if claim.outcome == "missing":
             # Every submit path writes the row before the message: a row that is gone was

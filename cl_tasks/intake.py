@@ -39,7 +39,7 @@ from cl_tasks.jobs_table import API_DEFAULTS, JOB_PRIORITIES, JobsTableError, Jo
 from cl_tasks.lifecycle import WorkerService
 from cl_tasks.messages import params_too_large
 from cl_tasks.settings import Settings, current, sqlite_path
-from transports.store import DatabaseFull, Store
+from transports.store import DatabaseFull, PublishBatch, Store, publish_batch
 from transports.wakeup import CommitWatch
 
 logger = logging.getLogger(__name__)
@@ -137,14 +137,21 @@ class Intake(threading.Thread):
         while types:
             reserved = self._store.reserve_queued(types, after_id=after_id, limit=BATCH)
             published: list[str] = []
+            batch: PublishBatch | None = None
             try:
-                for job in reserved:
-                    if self.publish(job):
-                        published.append(job.job_id)
+                # On our SQLite broker the messages of the batch are one write (the API waits
+                # less often for the lock); on another broker each is sent at once.
+                with publish_batch() as batch:
+                    for job in reserved:
+                        if self.publish(job):
+                            published.append(job.job_id)
             finally:
-                # One write for the batch; a crash before it only means a late republish
-                # (after STALE_RESERVATION), and the job's claim makes that a no-op.
-                self._store.mark_published(published)
+                # One write for the marks, once the messages are; a crash before it only means
+                # a late republish (after STALE_RESERVATION), which the job's claim makes a
+                # no-op. Messages that could not be written (disk full) leave their rows
+                # unmarked: they are published again later.
+                if batch is not None and batch.written:
+                    self._store.mark_published(published)
             if len(reserved) < BATCH:
                 break
             after_id = reserved[-1].id

@@ -18,7 +18,9 @@ may lose the last ones but never corrupts the file; ``FULL`` fsyncs every commit
 which costs about 1.5 ms each here). Every write transaction is ``BEGIN IMMEDIATE`` (a deferred
 read-then-write transaction fails with ``SQLITE_BUSY_SNAPSHOT``, which
 ``busy_timeout`` does not retry); on PostgreSQL rows are locked with
-``FOR UPDATE`` (``SKIP LOCKED`` for intake).
+``FOR UPDATE`` (``SKIP LOCKED`` for intake). On SQLite each process measures how
+long its write transactions hold the file's write lock, and a job process paces its
+claims to keep within ``DB_WRITE_SHARE`` (:mod:`cl_tasks.writeshare`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from cl_tasks.jobs_table import (
 )
 from cl_tasks.jobs_table import metadata as jobs_metadata
 from cl_tasks.settings import current, sqlite_path
+from cl_tasks.writeshare import WriteShare
 from transports import replaced
 from transports.process import PerProcess
 from transports.store import DatabaseFull
@@ -126,6 +129,10 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+#: Key of a connection's ``info``: when its write transaction took SQLite's write lock.
+LOCK_TAKEN = "cl_tasks_lock_taken"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -148,6 +155,8 @@ def _immediate_transactions(engine: Engine, synchronous: str) -> None:
     def _begin_immediate(connection: Connection) -> None:
         read_only = connection.get_execution_options().get("cl_read_only", False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if not read_only:
+            connection.info[LOCK_TAKEN] = time.perf_counter()
 
 
 @dataclass
@@ -170,10 +179,14 @@ class JobStore:
     another era) and our tables are made in the new file.
     """
 
-    def __init__(self, url: str, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, url: str, *, synchronous: str = "NORMAL", write_share: float = 1.0) -> None:
         self.url = url
         self.synchronous = synchronous
         self._path = sqlite_path(sqlalchemy_url(url))
+        #: This process's part of the write-lock budget (SQLite with a share below 1 only).
+        self._share: PerProcess[WriteShare] | None = None
+        if self._path is not None and write_share < 1:
+            self._share = PerProcess(lambda: WriteShare(write_share, self._job_processes))
         # Pooled connections must never cross a fork: each process makes its own engine.
         self._engine: PerProcess[_ProcessEngine] = PerProcess(self._create_engine)
         self._reconnect_lock = threading.Lock()
@@ -257,13 +270,28 @@ class JobStore:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite); a full disk raises :class:`DatabaseFull`."""
+        taken = None
         try:
             with self.engine.begin() as conn:
                 yield conn
+                taken = conn.info.pop(LOCK_TAKEN, None)
         except OperationalError as exc:
             if not _is_disk_full(exc.orig):
                 raise
             raise self._disk_full() from exc
+        if taken is not None and self._share is not None:
+            self._share.get().spent(time.perf_counter() - taken)
+
+    def pace(self) -> None:
+        """Before a job's claim: wait while this process is over its part of ``DB_WRITE_SHARE``."""
+        if self._share is not None:
+            self._share.get().wait()
+
+    def _job_processes(self) -> int:
+        """Processes sharing the write-lock budget: those holding a job now, and this one."""
+        query = select(func.count()).select_from(leases).where(leases.c.expires_at > bindparam("b_now"))
+        with self.reading() as conn:
+            return 1 + int(conn.execute(query, {"b_now": time.time()}).scalar_one())
 
     def _disk_full(self) -> DatabaseFull:
         """:class:`DatabaseFull` naming this database and where space must be freed."""
@@ -730,4 +758,6 @@ def _is_disk_full(error: BaseException | None) -> bool:
 def job_store() -> JobStore:
     """The :class:`JobStore` on ``DATABASE_URL`` (its engine is made per process)."""
     settings = current()
-    return JobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
+    return JobStore(
+        settings.database_url, synchronous=settings.sqlite_synchronous, write_share=settings.db_write_share
+    )

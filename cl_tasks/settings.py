@@ -39,6 +39,10 @@ Defaults (decided here, documented in the README):
   the SQLite broker (whose URL's ``synchronous`` wins). ``NORMAL`` never corrupts the
   database; a power loss may lose the last commits. ``FULL`` keeps them, at about one
   fsync per commit.
+* ``DB_WRITE_SHARE``: 1 (no limit); the most of wall time the job processes on one
+  SQLite database may hold its write lock, so that the API service's inserts wait
+  for it less often, at the cost of the rate of small jobs (:mod:`cl_tasks.writeshare`
+  has the figures); a number above 0, at most 1.
 * MQTT: ``BROADCAST_TYPE`` (``mqtt`` or ``noop``), ``MQTT_BROKER`` (``localhost``),
   ``MQTT_PORT`` (1883, or 8883 with TLS), ``MQTT_TOPIC`` (``inference/events``),
   ``CAPABILITY_TOPIC_PREFIX`` (``inference/workers``), ``MQTT_HEARTBEAT_INTERVAL``
@@ -61,6 +65,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from cl_tasks.limits import DEFAULT_MAX_OUTPUT_PIXELS, DEFAULT_MAX_PAIRS, DEFAULT_TIME_LIMIT, JobLimits
+from cl_tasks.writeshare import DEFAULT_SHARE
 
 #: Folder used when ``CL_SERVER_DIR`` is not set (relative to the working directory).
 DEFAULT_SERVER_DIR = "data"
@@ -140,6 +145,7 @@ class Settings:
     job_params_max_bytes: int = DEFAULT_JOB_PARAMS_MAX_BYTES
     runner_confinement: str = "on"
     limits: JobLimits = field(default_factory=JobLimits)
+    db_write_share: float = DEFAULT_SHARE
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -204,6 +210,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             max_pairs=_positive_int(env, "JOB_MAX_PAIRS", DEFAULT_MAX_PAIRS),
             max_output_pixels=_positive_int(env, "JOB_MAX_OUTPUT_PIXELS", DEFAULT_MAX_OUTPUT_PIXELS),
         ),
+        db_write_share=_share(env, "DB_WRITE_SHARE", DEFAULT_SHARE),
     )
 
 
@@ -278,6 +285,13 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     return _number(env, name, default, float, "a number of seconds")
+
+
+def _share(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, float, "a number")
+    if value > 1:
+        raise SettingsError(f"{name}={env[name]!r} must be at most 1 (1: no limit)")
+    return value
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

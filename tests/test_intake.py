@@ -17,6 +17,7 @@ from cl_tasks.app import App
 from cl_tasks.intake import Intake
 from cl_tasks.jobs import JobStore
 from cl_tasks.settings import load
+from transports.store import DatabaseFull, Store
 
 SERVED = "image_resize"
 
@@ -212,3 +213,62 @@ def test_stranded_rows_wait_out_the_grace_period(rig: Rig) -> None:
         conn.default_channel.queue_purge(SERVED)
     assert rig.intake.release_stranded(now=float("inf")) == []
     assert rig.published() == set()
+
+
+def test_the_rows_of_one_scan_are_published_in_one_broker_write(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given five API rows waiting, and the broker's writes counted
+    for n in range(5):
+        insert_sqlite(rig.db, api_row(f"j{n}", SERVED, {"width": n + 1}))
+    lone, batched = [], []
+    monkeypatch.setattr(Store, "_write", spy(Store._write, lone))
+    monkeypatch.setattr(Store, "put_many", spy(Store.put_many, batched))
+    # When intake scans
+    rig.intake.scan(after_id=0)
+    # Then the five messages went in with one transaction, none alone, and all five are marked
+    assert [len(args[1]) for args in batched] == [5]
+    assert not [args for args in lone if "INSERT INTO kombu_message" in rig_sql(args)]
+    assert rig.published() == {f"j{n}" for n in range(5)}
+    marked = rows(rig.db, "SELECT count(*) FROM cl_tasks_intake WHERE published_at IS NOT NULL")
+    assert marked == [(5,)]
+
+
+def test_messages_that_could_not_be_written_leave_their_rows_to_be_published_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two API rows, and a broker whose next batch write finds the disk full
+    insert_sqlite(rig.db, api_row("j1", SERVED, {"width": 1}))
+    insert_sqlite(rig.db, api_row("j2", SERVED, {"width": 2}))
+    real = Store.put_many
+
+    def disk_full_once(store: Store, batch: Any) -> None:
+        monkeypatch.setattr(Store, "put_many", real)
+        raise DatabaseFull("the disk is full")
+
+    monkeypatch.setattr(Store, "put_many", disk_full_once)
+    # When intake scans, the write fails: no message, and no row is marked published
+    with pytest.raises(DatabaseFull):
+        rig.intake.scan(after_id=0)
+    assert rig.published() == set()
+    assert rows(rig.db, "SELECT count(*) FROM cl_tasks_intake WHERE published_at IS NOT NULL") == [(0,)]
+    # Then once the reservations are given up (as after STALE_RESERVATION), both are published
+    rig.store.forget_stale_reservations(older_than=-1)
+    rig.intake.scan(after_id=0)
+    assert rig.published() == {"j1", "j2"}
+
+
+def spy(method: Any, calls: list[tuple[Any, ...]]) -> Any:
+    """``method``, recording the arguments of each call in ``calls``."""
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return method(*args, **kwargs)
+
+    return recorded
+
+
+def rig_sql(args: tuple[Any, ...]) -> str:
+    """The SQL of a recorded ``Store._write(store, statement, params)`` call, prefix filled in."""
+    store, statement = args[0], args[1]
+    return str(store.sql(statement))

@@ -247,6 +247,48 @@ WAL_CHECK_EVERY = 50
 QUEUE_EXPIRY_RECHECK = 60.0
 
 
+class PublishBatch:
+    """The messages one thread put inside :func:`publish_batch`, written at its end."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[Store, str, dict[str, Any]]] = []
+        #: True once every message put in the batch is committed (at once when none was).
+        self.written = False
+
+    def write(self) -> None:
+        stores: dict[int, tuple[Store, list[tuple[str, dict[str, Any]]]]] = {}
+        for store, statement, params in self.puts:
+            stores.setdefault(id(store), (store, []))[1].append((statement, params))
+        for store, rows in stores.values():
+            store.put_many(rows)
+        self.written = True
+
+
+_batches = threading.local()
+
+
+@contextmanager
+def publish_batch() -> Iterator[PublishBatch]:
+    """Messages this thread publishes inside are written at its end, one transaction per file.
+
+    For a caller that publishes many messages at once (cl_tasks' intake, every new
+    row of one scan): the write lock is taken once, not once per message, so the
+    API service sharing the file waits for it less often. The messages become
+    visible together when the block ends (also when it raises: what was put is
+    written, then the error goes on); :attr:`PublishBatch.written` says whether
+    that write committed. Publishes to another broker are not held (nothing of
+    theirs is put here). Batches do not nest.
+    """
+    if getattr(_batches, "current", None) is not None:
+        raise RuntimeError("publish_batch() does not nest")
+    batch = _batches.current = PublishBatch()
+    try:
+        yield batch
+    finally:
+        _batches.current = None
+        batch.write()
+
+
 class DatabaseUnavailable(Exception):
     """Raised at connect when the database file cannot be used (path, rights, format)."""
 
@@ -619,7 +661,17 @@ class Store:
             "queue": routing_key,
         }
         statement = PUT if not exchange else ROUTE_BY_TYPE[self.exchange_type(exchange)]
+        batch: PublishBatch | None = getattr(_batches, "current", None)
+        if batch is not None:
+            batch.puts.append((self, statement, params))
+            return 1  # routed above; stored when the batch is written
         return self._write(statement, params)[1]
+
+    def put_many(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Store the messages of :meth:`put`'s ``(statement, params)`` in one transaction."""
+        with self.transaction() as conn:
+            for statement, params in rows:
+                conn.execute(self.sql(statement), params)
 
     def routes(self, exchange: str, routing_key: str) -> bool:
         """Whether a message to ``exchange`` with ``routing_key`` would reach a queue now."""
