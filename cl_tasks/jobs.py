@@ -51,7 +51,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from cl_tasks.jobs_table import (
     JobsTableMissing,
@@ -270,6 +270,7 @@ class JobStore:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite); a full disk raises :class:`DatabaseFull`."""
+        began = time.perf_counter()
         taken = None
         try:
             with self.engine.begin() as conn:
@@ -279,7 +280,8 @@ class JobStore:
             if not _is_disk_full(exc.orig):
                 raise
             raise self._disk_full() from exc
-        if taken is not None and self._share is not None:
+        # (A transaction that ran no statement never took the lock: its value is an older one.)
+        if taken is not None and taken >= began and self._share is not None:
             self._share.get().spent(time.perf_counter() - taken)
 
     def pace(self) -> None:
@@ -288,10 +290,18 @@ class JobStore:
             self._share.get().wait()
 
     def _job_processes(self) -> int:
-        """Processes sharing the write-lock budget: those holding a job now, and this one."""
+        """Processes sharing the write-lock budget: those holding a job now, and this one.
+
+        A count that cannot be read (the file is being replaced, the disk failed) is 1:
+        asked after a commit, it must never make that write look failed.
+        """
         query = select(func.count()).select_from(leases).where(leases.c.expires_at > bindparam("b_now"))
-        with self.reading() as conn:
-            return 1 + int(conn.execute(query, {"b_now": time.time()}).scalar_one())
+        try:
+            with self.reading() as conn:
+                return 1 + int(conn.execute(query, {"b_now": time.time()}).scalar_one())
+        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            logger.debug("write share: the processes holding a job could not be counted: %s", exc)
+            return 1
 
     def _disk_full(self) -> DatabaseFull:
         """:class:`DatabaseFull` naming this database and where space must be freed."""
@@ -681,7 +691,9 @@ class JobStore:
     ) -> bool:
         key = ("finish", owner is None, *values)
         params = {f"b_{name}": value for name, value in values.items()}
-        params |= {"b_job_id": job_id, "b_owner": owner, "b_updated_at": now_ms()}
+        # One instant for the row's end and its ``updated_at`` (era C): the same write.
+        updated = values.get("completed_at") or now_ms()
+        params |= {"b_job_id": job_id, "b_owner": owner, "b_updated_at": updated}
         finish = self._statement(key, lambda: self._finish_job(list(values), owner is not None))
         with self.transaction() as conn:
             changed = conn.execute(finish, params).rowcount

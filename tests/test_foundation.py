@@ -7,7 +7,6 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from kombu import Connection
 
 from cl_tasks.settings import SettingsError, load
 from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.support import wait_until
 
 
 def test_default_broker_is_sqlite_under_cl_server_dir(tmp_path: Path) -> None:
@@ -85,10 +85,12 @@ def test_quick_start_worker_on_the_embedded_default(tmp_path: Path) -> None:
         env=env,
     )
     try:
-        deadline = time.monotonic() + 60
-        while "ready." not in (log.read_text() if log.exists() else ""):
-            assert worker.poll() is None and time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.2)
+
+        def ready() -> bool:
+            assert worker.poll() is None, "the worker exited before it was ready"
+            return "ready." in (log.read_text() if log.exists() else "")
+
+        wait_until(ready, 60, "the worker's ready line")
         # Then it runs on ./data/media_store.db, owner-only, and answers celery inspect
         database = tmp_path / "data" / "media_store.db"
         assert stat.S_IMODE(database.stat().st_mode) == 0o600

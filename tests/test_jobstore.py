@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from api_schema import ERAS, api_row, create_sqlite, ddl, insert_sqlite
 
+from cl_tasks import jobs
 from cl_tasks.jobs import JobRowError, JobStore
 from cl_tasks.jobs_table import JobsTableError, JobsTableMissing
 
@@ -232,3 +233,21 @@ def test_every_era_on_postgresql(pg_era: str) -> None:
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_job_ends_and_is_updated_at_one_instant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given era C, and a clock that moves a millisecond at every look (as it may between two)
+    path = tmp_path / "media_store.db"
+    create_sqlite(path, "c")
+    insert_sqlite(path, api_row("j1", "image_resize", {"width": 4}, "c"))
+    insert_sqlite(path, api_row("j2", "image_resize", {"width": 4}, "c"))
+    ticks = iter(range(1_800_000_000_000, 1_800_000_001_000))
+    monkeypatch.setattr(jobs, "now_ms", lambda: next(ticks))
+    store = JobStore(f"sqlite:///{path}")
+    store.claim("j1", "w1", lease=30)
+    # When one job completes and one fails
+    store.complete("j1", "w1", {"processed_files": []})
+    store.fail("j2", "bad input")
+    # Then each row's updated_at is its completed_at
+    for row in rows(path, "SELECT updated_at, completed_at FROM jobs"):
+        assert row["updated_at"] == row["completed_at"]

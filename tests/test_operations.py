@@ -6,10 +6,10 @@ import json
 import re
 import socket
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.conftest import (
     wait_for_job,
 )
 from tests.mqtt_support import Subscriber, free_port, wait_port
+from tests.support import wait_until as support_wait_until
 
 StartWorker = Callable[..., Worker]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -56,18 +57,8 @@ def flower(jobs_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     log.close()
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except OSError as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not met in {timeout}s; last: {last!r}")
+#: Flower's API refuses connections while it starts: such a look counts as "not yet".
+wait_until = partial(support_wait_until, ignore=(OSError,), every=0.3)
 
 
 def submit(env: dict[str, str], task: str, params: dict[str, Any]) -> str:

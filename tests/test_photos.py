@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tests.conftest import (
     insert_job,
     wait_for_job,
 )
+from tests.support import wait_until
 
 MODULE = TEST_MODULES / "image_tools"
 ERA_A = ROOT / "tests" / "fixtures" / "cl_server" / "jobs_era_a.sql"
@@ -297,12 +297,14 @@ def test_a_runner_killed_mid_write_leaves_no_half_written_output(module_python: 
     }
     killed.process.stdin.write(json.dumps(spec) + "\n")
     killed.process.stdin.flush()
+
     # When the runner is killed while the output is being written (its temporary file has bytes)
-    deadline = time.monotonic() + 120
-    while not any(part.stat().st_size > 0 for part in out.glob(".big.tiff.*.part")):
-        assert killed.process.poll() is None and time.monotonic() < deadline, "the write was never seen"
+    def writing() -> bool:
+        assert killed.process.poll() is None, "the runner exited before its write was seen"
         assert not (out / "big.tiff").exists(), "the output appeared before its write was seen"
-        time.sleep(0.001)
+        return any(part.stat().st_size > 0 for part in out.glob(".big.tiff.*.part"))
+
+    wait_until(writing, 120, "the output's temporary file holding bytes", every=0.001)
     killed.process.kill()
     killed.process.wait(timeout=30)
     # Then the output path holds nothing: only the hidden partial file is left beside it

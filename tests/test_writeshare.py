@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 from api_schema import api_row, create_sqlite, insert_sqlite
 
+from cl_tasks import writeshare
 from cl_tasks.jobs import JobStore
 from cl_tasks.settings import SettingsError, load
 from cl_tasks.writeshare import BURST, MAX_PAUSE, SPLIT_RECHECK, WriteShare
@@ -132,3 +134,23 @@ def test_a_bad_write_share_is_one_line_naming_it(tmp_path: Path, value: str, mes
 def test_the_default_share_is_no_limit(tmp_path: Path) -> None:
     assert load({"CL_SERVER_DIR": str(tmp_path)}).db_write_share == 1.0
     assert load({"CL_SERVER_DIR": str(tmp_path), "DB_WRITE_SHARE": "0.05"}).db_write_share == 0.05
+
+
+def test_a_count_that_cannot_be_read_never_fails_the_write_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = tmp_path / "media_store.db"
+    create_sqlite(database, "a")
+    for n in range(2):
+        insert_sqlite(database, api_row(f"j{n}", "image_resize", {"width": 4}))
+    store = JobStore(f"sqlite:///{database}", write_share=0.5)
+    assert store.claim("j0", "worker-a:1:j0", lease=30).outcome == "claimed"
+
+    def unreadable() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    # When reads fail from now on, the count is 1 and a claim's commit still stands
+    monkeypatch.setattr(store, "reading", unreadable)
+    assert store._job_processes() == 1
+    monkeypatch.setattr(writeshare, "SPLIT_RECHECK", 0.0)  # the next report counts again
+    assert store.claim("j1", "worker-a:2:j1", lease=30).outcome == "claimed"

@@ -619,7 +619,12 @@ class Store:
 
     @contextmanager
     def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` write transaction (never a deferred one, see DESIGN.md)."""
+        """A ``BEGIN IMMEDIATE`` write transaction.
+
+        Never a deferred one: a deferred transaction that reads, then writes after
+        another connection committed fails with ``SQLITE_BUSY_SNAPSHOT``, which
+        ``busy_timeout`` does not retry.
+        """
         conn = conn or self.conn
         conn.execute("BEGIN IMMEDIATE")
         with self._writing(conn):
