@@ -83,14 +83,20 @@ def test_the_processes_are_counted_at_most_every_recheck() -> None:
     assert 4 <= len(counted) <= 6
 
 
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    """An era-A media_store.db (the API's DDL) holding two queued rows, j0 and j1."""
+    path = tmp_path / "media_store.db"
+    create_sqlite(path, "a")
+    for n in range(2):
+        insert_sqlite(path, api_row(f"j{n}", "image_resize", {"width": 4}))
+    return path
+
+
 def test_the_job_store_reports_the_lock_time_of_its_writes_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a JobStore on the API's era-A table with a budget, its reports recorded
-    database = tmp_path / "media_store.db"
-    create_sqlite(database, "a")
-    for n in range(2):
-        insert_sqlite(database, api_row(f"j{n}", "image_resize", {"width": 4}))
     reported: list[float] = []
     monkeypatch.setattr(WriteShare, "spent", lambda self, seconds: reported.append(seconds))
     store = JobStore(f"sqlite:///{database}", write_share=0.5)
@@ -109,11 +115,8 @@ def test_the_job_store_reports_the_lock_time_of_its_writes_only(
 
 
 def test_without_a_share_below_one_nothing_is_measured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database = tmp_path / "media_store.db"
-    create_sqlite(database, "a")
-    insert_sqlite(database, api_row("j0", "image_resize", {"width": 4}))
     reported: list[float] = []
     monkeypatch.setattr(WriteShare, "spent", lambda self, seconds: reported.append(seconds))
     store = JobStore(f"sqlite:///{database}")
@@ -137,12 +140,8 @@ def test_the_default_share_is_no_limit(tmp_path: Path) -> None:
 
 
 def test_a_count_that_cannot_be_read_never_fails_the_write_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database = tmp_path / "media_store.db"
-    create_sqlite(database, "a")
-    for n in range(2):
-        insert_sqlite(database, api_row(f"j{n}", "image_resize", {"width": 4}))
     store = JobStore(f"sqlite:///{database}", write_share=0.5)
     assert store.claim("j0", "worker-a:1:j0", lease=30).outcome == "claimed"
 
