@@ -136,7 +136,7 @@ class Intake(threading.Thread):
             after_id = 0  # the highest id went down: rows deleted, or a new database file
         while types:
             reserved = self._store.reserve_queued(types, after_id=after_id, limit=BATCH)
-            published: list[str] = []
+            published: list[Job] = []
             batch: PublishBatch | None = None
             try:
                 # On our SQLite broker the messages of the batch are one write (the API waits
@@ -144,14 +144,16 @@ class Intake(threading.Thread):
                 with publish_batch() as batch:
                     for job in reserved:
                         if self.publish(job):
-                            published.append(job.job_id)
+                            published.append(job)
             finally:
                 # One write for the marks, once the messages are; a crash before it only means
                 # a late republish (after STALE_RESERVATION), which the job's claim makes a
                 # no-op. Messages that could not be written (disk full) leave their rows
                 # unmarked: they are published again later.
                 if batch is not None and batch.written:
-                    self._store.mark_published(published)
+                    self._store.mark_published([job.job_id for job in published])
+                    for job in published:
+                        logger.info("queued job %s (%s) published", job.job_id, job.task_type)
             if len(reserved) < BATCH:
                 break
             after_id = reserved[-1].id
@@ -205,7 +207,6 @@ class Intake(threading.Thread):
             logger.error("queued job %s ended error: %s", job.job_id, exc)
             return False
         self._app.publish_job(job.job_id, job.task_type, params, self._priority(job))
-        logger.info("queued job %s (%s) published", job.job_id, job.task_type)
         return True
 
     def _params(self, job: Job) -> dict[str, Any]:

@@ -55,6 +55,7 @@ Defaults (decided here, documented in the README):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -288,9 +289,16 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _share(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _number(env, name, default, float, "a number")
+    value = _number(env, name, default, _finite, "a number")
     if value > 1:
         raise SettingsError(f"{name}={env[name]!r} must be at most 1 (1: no limit)")
+    return value
+
+
+def _finite(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
     return value
 
 

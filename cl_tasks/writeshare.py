@@ -36,7 +36,8 @@ from collections.abc import Callable
 DEFAULT_SHARE = 1.0
 #: Seconds of lock time a process may spend at once before the budget paces it.
 BURST = 0.01
-#: The longest single wait (a transaction that held the lock for long, a disk stall).
+#: The longest wait, and the largest debt: a commit that stalled on the disk for
+#: seconds costs one such pause, not a pause at each of the next thousand claims.
 MAX_PAUSE = 1.0
 #: Seconds between two looks at how many processes share the budget.
 SPLIT_RECHECK = 1.0
@@ -46,7 +47,9 @@ class WriteShare:
     """One process's part of the write-lock budget: a bucket of lock time (thread-safe).
 
     ``processes()`` says how many processes share ``share`` now (this one
-    included); it is asked at most every :data:`SPLIT_RECHECK` seconds.
+    included); :meth:`wait` asks it, at most every :data:`SPLIT_RECHECK` seconds,
+    outside the lock (it may read the database) and before this process's claim,
+    when it holds no job of its own.
     """
 
     def __init__(
@@ -66,17 +69,23 @@ class WriteShare:
         self._lock = threading.Lock()
         self._tokens = burst
         self._at = clock()
-        self._split_at = -SPLIT_RECHECK
+        self._split_at = -float("inf")
         self._split = 1
 
     def spent(self, seconds: float) -> None:
         """This process held the write lock for ``seconds``."""
         with self._lock:
             self._refill()
-            self._tokens -= seconds
+            self._tokens = max(self._tokens - seconds, -MAX_PAUSE * self._rate())
 
     def wait(self) -> float:
         """Sleep until the budget has paid for this process's writes so far; the seconds slept."""
+        now = self._clock()
+        if now - self._split_at >= SPLIT_RECHECK:
+            split = max(1, self._processes())
+            with self._lock:
+                self._refill()  # earned at the old split until now
+                self._split, self._split_at = split, now
         with self._lock:
             self._refill()
             pause = min(MAX_PAUSE, -self._tokens / self._rate()) if self._tokens < 0 else 0.0
@@ -86,9 +95,6 @@ class WriteShare:
 
     def _rate(self) -> float:
         """Seconds of lock time this process earns per second."""
-        now = self._clock()
-        if now - self._split_at >= SPLIT_RECHECK:
-            self._split, self._split_at = max(1, self._processes()), now
         return self.share / self._split
 
     def _refill(self) -> None:

@@ -272,3 +272,26 @@ def rig_sql(args: tuple[Any, ...]) -> str:
     """The SQL of a recorded ``Store._write(store, statement, params)`` call, prefix filled in."""
     store, statement = args[0], args[1]
     return str(store.sql(statement))
+
+
+def test_a_publish_failing_mid_scan_keeps_the_messages_before_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given three API rows, and a broker that refuses the second publish (a lost connection)
+    for n in range(3):
+        insert_sqlite(rig.db, api_row(f"j{n}", SERVED, {"width": n + 1}))
+    real = rig.app.publish_job
+
+    def refuse_j1(job_id: str, *args: Any) -> Any:
+        if job_id == "j1":
+            raise ConnectionError("broker connection lost")
+        return real(job_id, *args)
+
+    monkeypatch.setattr(rig.app, "publish_job", refuse_j1)
+    # When intake scans, the error reaches the scan's caller
+    with pytest.raises(ConnectionError):
+        rig.intake.scan(after_id=0)
+    # Then the message put before it is written and marked; the others wait for a later scan
+    assert rig.published() == {"j0"}
+    marked = rows(rig.db, "SELECT job_id FROM cl_tasks_intake WHERE published_at IS NOT NULL")
+    assert marked == [("j0",)]

@@ -256,10 +256,12 @@ class PublishBatch:
         self.written = False
 
     def write(self) -> None:
-        stores: dict[int, tuple[Store, list[tuple[str, dict[str, Any]]]]] = {}
+        """Commit the puts, one transaction per file (puts through several connections to one
+        file, as Celery's producer pool may make them, go in through the first)."""
+        files: dict[tuple[str, str], tuple[Store, list[tuple[str, dict[str, Any]]]]] = {}
         for store, statement, params in self.puts:
-            stores.setdefault(id(store), (store, []))[1].append((statement, params))
-        for store, rows in stores.values():
+            files.setdefault((str(store.path), store.prefix), (store, []))[1].append((statement, params))
+        for store, rows in files.values():
             store.put_many(rows)
         self.written = True
 
