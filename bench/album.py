@@ -120,6 +120,17 @@ def jobs_of(photos: list[Path], out: Path) -> list[tuple[str, str, int]]:
     ]
 
 
+def resize_params(source: str, target: str, box: int) -> dict[str, Any]:
+    """The ``image_resize`` params of one album job: ``source`` fitted inside ``box`` px."""
+    return {
+        "input_paths": [source],
+        "output_paths": [target],
+        "width": box,
+        "height": box,
+        "maintain_aspect_ratio": True,
+    }
+
+
 def measure_cl_tasks(server: Path, photos: list[Path]) -> float:
     database = server / "media_store.db"
     # The worker's log goes too: the previous round's "ready." would let this round start early.
@@ -131,14 +142,7 @@ def measure_cl_tasks(server: Path, photos: list[Path]) -> float:
     try:
         began = time.time()
         for n, (source, target, box) in enumerate(jobs):
-            params = {
-                "input_paths": [source],
-                "output_paths": [target],
-                "width": box,
-                "height": box,
-                "maintain_aspect_ratio": True,
-            }
-            insert_api_row(database, f"album-{n}", params)
+            insert_api_row(database, f"album-{n}", resize_params(source, target, box))
         last = wait_completed(database, len(jobs))
     finally:
         os.killpg(worker.pid, signal.SIGKILL)  # the worker, its pool and their runners
@@ -179,13 +183,7 @@ def memory(python: Path, workdir: Path, photo_12mp: Path) -> dict[str, float]:
             with Image.open(photo) as image:
                 # The runner's rule: DCT scaling needs a 4x smaller target, else libvips decodes.
                 engine = "Pillow draft" if image.width >= 4 * box else "libvips"
-            params = {
-                "input_paths": [str(photo)],
-                "output_paths": [str(workdir / f"m{box}.jpg")],
-                "width": box,
-                "height": box,
-                "maintain_aspect_ratio": True,
-            }
+            params = resize_params(str(photo), str(workdir / f"m{box}.jpg"), box)
             figures[f"{label} JPEG -> {box} px JPEG ({engine})"] = _peak(python, ("image_resize", params))
         png = workdir / f"{label[:2]}.png"
         with Image.open(photo) as image:

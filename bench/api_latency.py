@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image
 
-from bench.album import BOXES, make_album
+from bench.album import BOXES, make_album, resize_params
 from bench.harness import PYTHON, ROOT, api_database, percentile
 from bench.jobs import _params, _start_worker, insert_api_row
 
@@ -131,15 +131,7 @@ class Load:
         if self.photos is None:
             return _params(n % BACKLOG)
         kind, box = list(BOXES.items())[n % len(BOXES)]
-        photo = self.photos[n % len(self.photos)]
-        target = f"out/{kind}/{n % BACKLOG}.jpg"
-        return {
-            "input_paths": [str(photo)],
-            "output_paths": [target],
-            "width": box,
-            "height": box,
-            "maintain_aspect_ratio": True,
-        }
+        return resize_params(str(self.photos[n % len(self.photos)]), f"out/{kind}/{n % BACKLOG}.jpg", box)
 
     def take_largest_wal(self) -> int:
         largest, self.largest_wal = self.largest_wal, 0

@@ -81,13 +81,11 @@ class WriteShare:
     def wait(self) -> float:
         """Sleep until the budget has paid for this process's writes so far; the seconds slept."""
         now = self._clock()
-        if now - self._split_at >= SPLIT_RECHECK:
-            split = max(1, self._processes())
-            with self._lock:
-                self._refill()  # earned at the old split until now
-                self._split, self._split_at = split, now
+        split = max(1, self._processes()) if now - self._split_at >= SPLIT_RECHECK else None
         with self._lock:
-            self._refill()
+            self._refill()  # earned at the old split until now
+            if split is not None:
+                self._split, self._split_at = split, now
             pause = min(MAX_PAUSE, -self._tokens / self._rate()) if self._tokens < 0 else 0.0
         if pause:
             self._sleep(pause)

@@ -15,17 +15,15 @@ from cl_tasks.writeshare import BURST, MAX_PAUSE, SPLIT_RECHECK, WriteShare
 
 
 class Clock:
-    """A clock the test moves; ``sleep`` moves it too and records each pause."""
+    """A clock the test moves; ``sleep`` moves it too."""
 
     def __init__(self) -> None:
         self.now = 100.0
-        self.pauses: list[float] = []
 
     def __call__(self) -> float:
         return self.now
 
     def sleep(self, seconds: float) -> None:
-        self.pauses.append(seconds)
         self.now += seconds
 
 
